@@ -1,0 +1,254 @@
+"""Public entry points: argument checks once, here, then dispatch to an implementation.
+
+Implementations: "reference" (plain jax.numpy, `pisa_jax.reference`), "pallas" (the
+Triton kernels in `pisa_jax.kernels`; `interpret=True` runs them on the CPU) and "auto"
+(Pallas on a GPU, the reference elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from pisa_jax import reference
+from pisa_jax._blocks import LAYOUTS, default_scale, from_bhtd, num_blocks, to_bhtd, token_axis
+from pisa_jax._types import BlockStatistics, Selection
+from pisa_jax.selection import select_from_statistics
+
+IMPLEMENTATIONS = ("auto", "pallas", "reference")
+DENSE_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
+ORDERS = (1, 0, -1)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
+def _check_qkv(q, k, v, layout: str, *, self_attention: bool) -> tuple[int, int, int, int]:
+    """Returns (B, T, H, D) after checking ranks, dtypes and shapes."""
+    _check_choice("layout", layout, LAYOUTS)
+    dims = "[B, T, H, D]" if layout == "bthd" else "[B, H, T, D]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array; got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions {dims} for layout {layout!r}; "
+                             f"got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape {dims}; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    ta = token_axis(layout)
+    ha = 3 - ta
+    if self_attention and q.shape[ta] != k.shape[ta]:
+        raise ValueError(f"q and k/v must have the same sequence length (self-attention); "
+                         f"got {q.shape[ta]} and {k.shape[ta]} (layout {layout!r})")
+    if (q.shape[0], q.shape[ha], q.shape[3]) != (k.shape[0], k.shape[ha], k.shape[3]):
+        raise ValueError(f"q and k/v must agree in batch, heads and head dim {dims}; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return q.shape[0], q.shape[ta], q.shape[ha], q.shape[3]
+
+
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"density must be a real number in (0, 1]; got {density!r}")
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1]; got {density!r}")
+    return float(density)
+
+
+def _check_block_size(block_size) -> int:
+    if (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
+            or block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be a power of two >= 16; got {block_size!r}")
+    return int(block_size)
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be None or a finite positive number; got {scale!r}")
+    return default_scale(head_dim, scale)
+
+
+def _check_forced(forced_blocks, nt: int) -> tuple[int, ...]:
+    if forced_blocks is None:
+        return ()
+    try:
+        items = tuple(forced_blocks)
+    except TypeError:
+        raise TypeError(f"forced_blocks must be None or a sequence of block indices; "
+                        f"got {forced_blocks!r}") from None
+    for j in items:
+        if isinstance(j, bool) or not isinstance(j, numbers.Integral):
+            raise TypeError(f"forced_blocks must hold integers; got {j!r} in {items!r}")
+        if not -nt <= j < nt:
+            raise ValueError(f"forced_blocks must lie in [0, {nt}) for {nt} blocks "
+                             f"(negative counts from the end); got {j} in {items!r}")
+    return tuple(sorted({int(j) % nt for j in items}))
+
+
+def _resolve(implementation: str, interpret) -> tuple[str, bool]:
+    _check_choice("implementation", implementation, IMPLEMENTATIONS)
+    on_gpu = jax.default_backend() == "gpu"
+    if implementation == "auto":
+        implementation = "pallas" if on_gpu else "reference"
+    if interpret is None:
+        interpret = not on_gpu
+    return implementation, bool(interpret)
+
+
+# ------------------------------------------------------------------------------ stages
+
+def block_statistics(
+    q: Float[Array, "..."], k: Float[Array, "..."], v: Float[Array, "..."], *,
+    block_size: int = 64, with_norms: bool = False, layout: str = "bthd",
+    implementation: str = "auto", interpret: bool | None = None,
+) -> BlockStatistics:
+    """Block-mean queries and keys, block-sum values and the global first moment.
+
+    Args:
+      q, k, v: `[B, T, H, D]` (layout "bthd") or `[B, H, T, D]` ("bhtd"), one float dtype.
+      block_size: tokens per block, a power of two >= 16.
+      with_norms: also return `||H_j||_F` per block (needed for biased selection).
+    Returns:
+      A `BlockStatistics` with `[B, H, ...]` float32 arrays (float64 for float64 input).
+    Raises:
+      ValueError / TypeError naming the argument for bad input.
+    """
+    _check_qkv(q, k, v, layout, self_attention=True)
+    block_size = _check_block_size(block_size)
+    impl, interpret = _resolve(implementation, interpret)
+    if impl == "pallas":
+        from pisa_jax.kernels import block_statistics as kernel
+        return kernel.block_statistics(q, k, v, block_size=block_size, with_norms=with_norms,
+                                       layout=layout, interpret=interpret)
+    return reference.block_statistics(*(to_bhtd(x, layout) for x in (q, k, v)),
+                                      block_size=block_size, with_norms=with_norms)
+
+
+def select_blocks(
+    stats: BlockStatistics, *, density: float = 0.15, scale: float | None = None,
+    use_bias: bool = False, forced_blocks: Sequence[int] | None = None,
+) -> Selection:
+    """Key blocks each query block attends to exactly (`top_k = max(1, floor(density*NT))`).
+
+    Forced blocks are always selected and use up slots. `scale` defaults to `D**-0.5`.
+    The result can be reused by `piecewise_attention` across layers or sampling steps.
+    """
+    if not isinstance(stats, BlockStatistics):
+        raise TypeError(f"stats must be a BlockStatistics; got {type(stats).__name__}")
+    density = _check_density(density)
+    scale = _check_scale(scale, stats.q_mean.shape[-1])
+    forced = _check_forced(forced_blocks, stats.num_blocks)
+    if use_bias and stats.moment_norms is None:
+        raise ValueError("use_bias=True needs statistics computed with with_norms=True; "
+                         "got statistics without moment_norms")
+    return select_from_statistics(stats, density=density, scale=scale,
+                                  use_bias=bool(use_bias), forced_blocks=forced)
+
+
+def piecewise_attention(
+    q: Float[Array, "..."], k: Float[Array, "..."], v: Float[Array, "..."],
+    stats: BlockStatistics, selection: Selection, *, scale: float | None = None,
+    order: int = 1, layout: str = "bthd", implementation: str = "auto",
+    interpret: bool | None = None,
+) -> Float[Array, "..."]:
+    """PISA output from precomputed statistics and selection; q's shape, dtype and layout."""
+    b, t, h, d = _check_qkv(q, k, v, layout, self_attention=True)
+    _check_choice("order", order, ORDERS)
+    scale = _check_scale(scale, d)
+    if not isinstance(stats, BlockStatistics) or not isinstance(selection, Selection):
+        raise TypeError("stats must be a BlockStatistics and selection a Selection; got "
+                        f"{type(stats).__name__} and {type(selection).__name__}")
+    nt = num_blocks(t, stats.block_size)
+    if stats.num_tokens != t or stats.q_mean.shape[:2] != (b, h):
+        raise ValueError(f"stats were computed for [B, H] = {tuple(stats.q_mean.shape[:2])} and "
+                         f"T = {stats.num_tokens}; got q with [B, H] = {(b, h)} and T = {t}")
+    if selection.num_blocks != nt or selection.indices.shape[:3] != (b, h, nt):
+        raise ValueError(f"selection must have indices [B, H, NT, K] = [{b}, {h}, {nt}, K]; "
+                         f"got {tuple(selection.indices.shape)} for NT = {selection.num_blocks}")
+    impl, interpret = _resolve(implementation, interpret)
+    if impl == "pallas":
+        from pisa_jax.kernels import piecewise_attention as kernel
+        return kernel.piecewise_attention(q, k, v, stats, selection, scale=scale, order=order,
+                                          layout=layout, interpret=interpret)
+    out = reference.piecewise_attention(*(to_bhtd(x, layout) for x in (q, k, v)), stats,
+                                        selection, scale=scale, order=order)
+    return from_bhtd(out, layout)
+
+
+# ------------------------------------------------------------------------ whole calls
+
+def piecewise_sparse_attention(
+    q: Float[Array, "..."], k: Float[Array, "..."], v: Float[Array, "..."], *,
+    density: float = 0.15, block_size: int = 64, scale: float | None = None,
+    order: int = 1, use_bias: bool = False, forced_blocks: Sequence[int] | None = None,
+    layout: str = "bthd", implementation: str = "auto", interpret: bool | None = None,
+) -> Float[Array, "..."]:
+    """Piecewise sparse attention (PISA), non-causal self-attention, inference only.
+
+    Args:
+      q, k, v: `[B, T, H, D]` (layout "bthd") or `[B, H, T, D]` ("bhtd"); one float dtype
+        (bfloat16, float16, float32; float64 with the reference); any T >= 1.
+      density: fraction of key blocks computed exactly per query block, in (0, 1];
+        `density=1` is dense attention.
+      block_size: tokens per block, a power of two >= 16 (the kernels take 64 and 128).
+      scale: softmax scale, default `D**-0.5`.
+      order: 1 = exact + zeroth + global first order (PISA), 0 = exact + zeroth order,
+        -1 = keep-or-drop (exact path only).
+      use_bias: add `log(||H_j||_F + 1e-5)` to the selection scores.
+      forced_blocks: key-block indices always selected (negative counts from the end).
+      implementation: "pallas", "reference" or "auto" (Pallas on a GPU).
+      interpret: run the Pallas kernels in interpret mode (default: when not on a GPU).
+    Returns:
+      An array of q's shape, dtype and layout.
+    Raises:
+      ValueError / TypeError naming the argument, what was expected and what was given.
+    """
+    b, t, h, d = _check_qkv(q, k, v, layout, self_attention=True)
+    density = _check_density(density)
+    block_size = _check_block_size(block_size)
+    _check_choice("order", order, ORDERS)
+    scale = _check_scale(scale, d)
+    forced = _check_forced(forced_blocks, num_blocks(t, block_size))
+    impl, interpret = _resolve(implementation, interpret)
+    common = dict(layout=layout, implementation=impl, interpret=interpret)
+    stats = block_statistics(q, k, v, block_size=block_size, with_norms=bool(use_bias), **common)
+    selection = select_from_statistics(stats, density=density, scale=scale,
+                                       use_bias=bool(use_bias), forced_blocks=forced)
+    return piecewise_attention(q, k, v, stats, selection, scale=scale, order=order, **common)
+
+
+def dense_attention(
+    q: Float[Array, "..."], k: Float[Array, "..."], v: Float[Array, "..."], *,
+    scale: float | None = None, layout: str = "bthd", implementation: str = "auto",
+) -> Float[Array, "..."]:
+    """softmax(s q k^T) v, non-causal; k/v may have another length than q.
+
+    implementation: "auto" (cuDNN on a GPU for bfloat16/float16, XLA otherwise),
+    "cudnn", "xla" or "reference" (float32 arithmetic, float64 for float64).
+    """
+    _, _, _, d = _check_qkv(q, k, v, layout, self_attention=False)
+    _check_choice("implementation", implementation, DENSE_IMPLEMENTATIONS)
+    scale = _check_scale(scale, d)
+    if implementation == "reference":
+        out = reference.dense_attention(*(to_bhtd(x, layout) for x in (q, k, v)), scale=scale)
+        return from_bhtd(out, layout)
+    if implementation == "auto":
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+    bthd = [x if layout == "bthd" else jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
+    out = jax.nn.dot_product_attention(*bthd, scale=scale, implementation=implementation)
+    return out if layout == "bthd" else jnp.swapaxes(out, 1, 2)

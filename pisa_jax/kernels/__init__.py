@@ -1,0 +1,1 @@
+"""Pallas (Triton backend) kernels of PISA: one kernel and its wrapper per file."""

@@ -1,0 +1,146 @@
+"""Piecewise attention forward kernel (PISA_SPEC section 3).
+
+One program per (query block, batch, head). It runs flash attention over the query
+block's selected key blocks (the exact path, reading their indices from a list), then a
+small attention over every block's (mean key, value sum, length) with the selected
+blocks masked out (the zeroth order), both in one online-softmax state, then adds the
+global first-order term and writes the output once. The selected set is looked up by a
+per-query-block mask row, O(NT) per query block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pisa_jax._blocks import block_lengths, num_blocks, token_axis
+from pisa_jax._types import BlockStatistics, Selection
+from pisa_jax.kernels._common import (LOG2E, LaunchConfig, dot_precision, inference_only, prepare,
+                                      token_block_spec)
+
+# Unselected blocks are visited this many at a time in the zeroth-order pass.
+ZEROTH_CHUNK = 64
+
+
+def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom_ref, o_ref, *,
+            block_size: int, num_selected: int, num_chunks: int, num_tokens: int, scale: float,
+            order: int, precision: dict):
+    q = q_ref[...]
+    d = q.shape[-1]
+    # Logits live in the exp2 domain: exp(s x.k) = 2^(s log2(e) x.k).
+    qk_scale = scale * LOG2E
+    partial_last = num_tokens % block_size != 0
+    cols = lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+
+    def update(s, values, carry, weights=None):
+        acc, m, l, g = carry
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        mass = jnp.sum(p if weights is None else p * weights, axis=1)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(values.dtype), values, **precision)
+        g = g * alpha + (mass if weights is not None else 0.0)
+        return acc, m_new, l * alpha + mass, g
+
+    def exact(t, carry):
+        start = pl.multiple_of(idx_ref[t] * block_size, block_size)
+        sl = pl.ds(start, block_size)
+        s = plgpu.dot(q, k_ref[sl, :], trans_b=True, **precision) * qk_scale
+        if partial_last:   # padding keys of the last block must not enter the softmax
+            s = jnp.where(start + cols < num_tokens, s, -jnp.inf)
+        return update(s, v_ref[sl, :], carry)
+
+    carry = (jnp.zeros((block_size, d), jnp.float32),
+             jnp.full((block_size,), -jnp.inf, jnp.float32),
+             jnp.zeros((block_size,), jnp.float32),
+             jnp.zeros((block_size,), jnp.float32))
+    carry = lax.fori_loop(0, num_selected, exact, carry)
+
+    if order >= 0:
+        def zeroth(c, carry):
+            sl = pl.ds(pl.multiple_of(c * ZEROTH_CHUNK, ZEROTH_CHUNK), ZEROTH_CHUNK)
+            s = plgpu.dot(q, kc_ref[sl, :], trans_b=True, **precision) * qk_scale
+            # Selected and padding blocks are skipped (the latter have length 0 too).
+            s = jnp.where(skip_ref[sl][None, :] != 0, -jnp.inf, s)
+            return update(s, vc_ref[sl, :], carry, weights=len_ref[sl][None, :])
+
+        carry = lax.fori_loop(0, num_chunks, zeroth, carry)
+    acc, _, l, g = carry
+    if order == 1:
+        # x @ H in float32 operands (tf32 products for half inputs, exact for float32).
+        first = plgpu.dot(q.astype(jnp.float32), mom_ref[...], allow_tf32=not precision) * scale
+        acc = acc + (g * (1.0 / num_tokens))[:, None] * first
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+def _skip_mask(indices: jax.Array, nt: int, nt_pad: int) -> jax.Array:
+    """`[B, H, NT, NT_pad]` int8: 1 where the zeroth order must skip the key block."""
+    skip = jnp.zeros(indices.shape[:-1] + (nt_pad,), jnp.int8).at[..., nt:].set(1)
+    return jnp.put_along_axis(skip, indices, jnp.int8(1), axis=-1, inplace=False)
+
+
+def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scale: float,
+               order: int, layout: str, interpret: bool, config: LaunchConfig):
+    ta = token_axis(layout)
+    b, t, h, d = q.shape[0], q.shape[ta], q.shape[3 - ta], q.shape[-1]
+    q, k, v = (prepare(x, block_size, layout) for x in (q, k, v))
+    t_pad, d_pad = q.shape[ta], q.shape[-1]
+    nt = num_blocks(t, block_size)
+    nt_pad = -(-nt // ZEROTH_CHUNK) * ZEROTH_CHUNK
+    num_selected = indices.shape[-1]
+
+    def pad_blocks(x):   # [B, H, NT, D] -> [B, H, NT_pad, D_pad] in the dot dtype
+        return jnp.pad(x, ((0, 0), (0, 0), (0, nt_pad - nt), (0, d_pad - d))).astype(q.dtype)
+
+    lengths = jnp.zeros((nt_pad,), jnp.float32).at[:nt].set(block_lengths(t, block_size))
+    skip = _skip_mask(indices, nt, nt_pad)
+    mom = jnp.pad(moment.astype(jnp.float32), ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d)))
+
+    grid = (nt, b, h)
+    per_head = lambda i, bi, hi: (bi, hi, 0, 0)
+    in_specs = [
+        token_block_spec(layout, block_size, d_pad, lambda i, bi, hi: (bi, hi, i)),
+        token_block_spec(layout, t_pad, d_pad, lambda i, bi, hi: (bi, hi, 0)),
+        token_block_spec(layout, t_pad, d_pad, lambda i, bi, hi: (bi, hi, 0)),
+        pl.BlockSpec((None, None, None, num_selected), lambda i, bi, hi: (bi, hi, i, 0)),
+        pl.BlockSpec((None, None, None, nt_pad), lambda i, bi, hi: (bi, hi, i, 0)),
+        pl.BlockSpec((None, None, nt_pad, d_pad), per_head),
+        pl.BlockSpec((None, None, nt_pad, d_pad), per_head),
+        pl.BlockSpec((nt_pad,), lambda i, bi, hi: (0,)),
+        pl.BlockSpec((None, None, d_pad, d_pad), per_head),
+    ]
+    kernel = functools.partial(
+        _kernel, block_size=block_size, num_selected=num_selected,
+        num_chunks=nt_pad // ZEROTH_CHUNK, num_tokens=t, scale=scale, order=order,
+        precision=dot_precision(q.dtype))
+    out = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=token_block_spec(layout, block_size, d_pad, lambda i, bi, hi: (bi, hi, i)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name="pisa_piecewise_attention",
+    )(q, k, v, indices, skip, pad_blocks(k_mean), pad_blocks(v_sum), lengths, mom)
+    if t_pad != t:
+        out = lax.slice_in_dim(out, 0, t, axis=ta)
+    return out[..., :d] if d_pad != d else out
+
+
+def piecewise_attention(q, k, v, stats: BlockStatistics, selection: Selection, *, scale: float,
+                        order: int, layout: str, interpret: bool,
+                        config: LaunchConfig | None = None) -> jax.Array:
+    """Kernel version of `pisa_jax.piecewise_attention` (arguments already checked)."""
+    from pisa_jax.kernels.configs import attention_config
+    config = config or attention_config(q.shape[-1], stats.block_size, q.dtype)
+    run = inference_only(functools.partial(
+        _attention, block_size=stats.block_size, scale=scale, order=order, layout=layout,
+        interpret=interpret, config=config))
+    return run(q, k, v, selection.indices, stats.k_mean, stats.v_sum, stats.moment)
