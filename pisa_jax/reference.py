@@ -10,8 +10,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
+from jax import lax
+
 from pisa_jax._blocks import block_lengths, num_blocks
 from pisa_jax._types import BlockStatistics, Selection
+
+
+# Full float32 products: on GPUs XLA would otherwise use tf32 for float32 matmuls.
+_EXACT = lax.Precision.HIGHEST
+
+
+def _einsum(spec, *xs):
+    return jnp.einsum(spec, *xs, precision=_EXACT)
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -37,7 +47,7 @@ def block_statistics(q: Array, k: Array, v: Array, *, block_size: int,
     k_mean = kb.sum(3) / lengths
     v_sum = vb.sum(3)
     centred = jnp.where(valid, kb - k_mean[:, :, :, None, :], 0)
-    per_block = jnp.einsum("bhnsd,bhnse->bhnde", centred, vb)
+    per_block = _einsum("bhnsd,bhnse->bhnde", centred, vb)
     norms = jnp.sqrt(jnp.sum(per_block**2, axis=(-2, -1))) if with_norms else None
     return BlockStatistics(q_mean=q_mean, k_mean=k_mean, v_sum=v_sum,
                            moment=per_block.sum(2), moment_norms=norms,
@@ -58,23 +68,23 @@ def piecewise_attention(q: Array, k: Array, v: Array, stats: BlockStatistics,
     chosen = selection.mask()[:, :, block_of, :]             # [B, H, T(query), NT]
     chosen_tokens = chosen[..., block_of]                    # [B, H, T, T]
 
-    a = scale * jnp.einsum("bhtd,bhnd->bhtn", qf, kf)
+    a = scale * _einsum("bhtd,bhnd->bhtn", qf, kf)
     a = jnp.where(chosen_tokens, a, -jnp.inf)
     m = a.max(-1)
     if order >= 0:
-        bl = scale * jnp.einsum("bhtd,bhjd->bhtj", qf, stats.k_mean.astype(ct))
+        bl = scale * _einsum("bhtd,bhjd->bhtj", qf, stats.k_mean.astype(ct))
         bl = jnp.where(chosen, -jnp.inf, bl)
         m = jnp.maximum(m, bl.max(-1))
     ea = jnp.exp(a - m[..., None])
-    num = jnp.einsum("bhtn,bhnd->bhtd", ea, vf)
+    num = _einsum("bhtn,bhnd->bhtd", ea, vf)
     den = ea.sum(-1)
     if order >= 0:
         eb = jnp.exp(bl - m[..., None])
-        g = eb @ jnp.asarray(block_lengths(t, stats.block_size), ct)
-        num = num + jnp.einsum("bhtj,bhjd->bhtd", eb, stats.v_sum.astype(ct))
+        g = jnp.sum(eb * jnp.asarray(block_lengths(t, stats.block_size), ct), axis=-1)
+        num = num + _einsum("bhtj,bhjd->bhtd", eb, stats.v_sum.astype(ct))
         den = den + g
         if order == 1:
-            first = scale * jnp.einsum("bhtd,bhde->bhte", qf, stats.moment.astype(ct))
+            first = scale * _einsum("bhtd,bhde->bhte", qf, stats.moment.astype(ct))
             num = num + (g / t)[..., None] * first
     return (num / den[..., None]).astype(q.dtype)
 
@@ -82,7 +92,7 @@ def piecewise_attention(q: Array, k: Array, v: Array, stats: BlockStatistics,
 def dense_attention(q: Array, k: Array, v: Array, *, scale: float) -> Array:
     """softmax(s q k^T) v over `[B, H, T, D]` inputs, in float32 (float64 for float64)."""
     ct = compute_dtype(q.dtype)
-    logits = scale * jnp.einsum("bhtd,bhnd->bhtn", q.astype(ct), k.astype(ct))
+    logits = scale * _einsum("bhtd,bhnd->bhtn", q.astype(ct), k.astype(ct))
     weights = jnp.exp(logits - logits.max(-1, keepdims=True))
     weights = weights / weights.sum(-1, keepdims=True)
-    return jnp.einsum("bhtn,bhnd->bhtd", weights, v.astype(ct)).astype(q.dtype)
+    return _einsum("bhtn,bhnd->bhtd", weights, v.astype(ct)).astype(q.dtype)

@@ -17,7 +17,8 @@ from pisa_jax._types import BlockStatistics, Selection
 
 def block_scores(stats: BlockStatistics, scale: float, use_bias: bool) -> jax.Array:
     """`[B, H, NT, NT]` pooled scores `s * qc_i . kc_j` (+ `log(||H_j||_F + 1e-5)`)."""
-    scores = scale * jnp.einsum("bhid,bhjd->bhij", stats.q_mean, stats.k_mean)
+    scores = scale * jnp.einsum("bhid,bhjd->bhij", stats.q_mean, stats.k_mean,
+                               precision=jax.lax.Precision.HIGHEST)
     if use_bias:
         if stats.moment_norms is None:
             raise ValueError(

@@ -72,9 +72,13 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
         carry = lax.fori_loop(0, num_chunks, zeroth, carry)
     acc, _, l, g = carry
     if order == 1:
-        # x @ H in float32 operands (tf32 products for half inputs, exact for float32).
-        first = plgpu.dot(q.astype(jnp.float32), mom_ref[...], allow_tf32=not precision) * scale
-        acc = acc + (g * (1.0 / num_tokens))[:, None] * first
+        # x @ H with H split into parts of the input dtype (hi + lo for half types): near
+        # float32 accuracy of H at the cost of small tensor-core products, without a
+        # float32 D x D tile in registers.
+        first = plgpu.dot(q, mom_ref[0], **precision)
+        for part in range(1, mom_ref.shape[0]):
+            first = first + plgpu.dot(q, mom_ref[part], **precision)
+        acc = acc + (g * (scale / num_tokens))[:, None] * first
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
@@ -82,6 +86,15 @@ def _skip_mask(indices: jax.Array, nt: int, nt_pad: int) -> jax.Array:
     """`[B, H, NT, NT_pad]` int8: 1 where the zeroth order must skip the key block."""
     skip = jnp.zeros(indices.shape[:-1] + (nt_pad,), jnp.int8).at[..., nt:].set(1)
     return jnp.put_along_axis(skip, indices, jnp.int8(1), axis=-1, inplace=False)
+
+
+def _split_moment(moment: jax.Array, dtype) -> jax.Array:
+    """`[B, H, P, D, D]` parts of the input dtype summing to the float32 moment."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return moment[:, :, None]
+    hi = moment.astype(dtype)
+    lo = (moment - hi.astype(jnp.float32)).astype(dtype)
+    return jnp.stack([hi, lo], axis=2)
 
 
 def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scale: float,
@@ -99,7 +112,8 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
 
     lengths = jnp.zeros((nt_pad,), jnp.float32).at[:nt].set(block_lengths(t, block_size))
     skip = _skip_mask(indices, nt, nt_pad)
-    mom = jnp.pad(moment.astype(jnp.float32), ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d)))
+    mom = _split_moment(jnp.pad(moment.astype(jnp.float32),
+                                ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d))), q.dtype)
 
     grid = (nt, b, h)
     per_head = lambda i, bi, hi: (bi, hi, 0, 0)
@@ -112,7 +126,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         pl.BlockSpec((None, None, nt_pad, d_pad), per_head),
         pl.BlockSpec((None, None, nt_pad, d_pad), per_head),
         pl.BlockSpec((nt_pad,), lambda i, bi, hi: (0,)),
-        pl.BlockSpec((None, None, d_pad, d_pad), per_head),
+        pl.BlockSpec((None, None, mom.shape[2], d_pad, d_pad), lambda i, bi, hi: (bi, hi, 0, 0, 0)),
     ]
     kernel = functools.partial(
         _kernel, block_size=block_size, num_selected=num_selected,

@@ -1,0 +1,213 @@
+"""PISA kernels against dense attention on one GPU, side by side in one run.
+
+    python benchmarks/attention.py [--shapes flux-1024,flux-2048,seq-32k,wan-720p]
+        [--densities 0.10,0.15,0.25] [--sweep] [--out benchmarks/out]
+
+Times (median of repeated calls after warm-up, bf16, batch 1, D = 128): JAX cuDNN dense
+attention, Pallas Triton flash attention (best of 3 block configs), and the whole PISA op
+(statistics + selection + attention) with and without biased selection, plus the time
+of each stage at density 0.15 and the op's extra device memory. Writes a table to
+stdout, `attention.json` and `attention.png` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import pisa_jax as pj  # noqa: E402
+from pisa_jax.kernels import block_statistics as stats_kernel  # noqa: E402
+from pisa_jax.kernels import piecewise_attention as attn_kernel  # noqa: E402
+from pisa_jax.kernels._common import LaunchConfig  # noqa: E402
+
+SHAPES = {"flux-1024": (4608, 24), "flux-2048": (16896, 24), "seq-32k": (32768, 24),
+          "wan-720p": (75776, 40)}
+# The published Triton kernel's times (ms) and cuDNN's, from the same day (ANCHORS.md).
+PUBLISHED_SPEEDUP_015 = {"flux-1024": "~1.0x", "flux-2048": "2.7x", "seq-32k": "3.4x",
+                         "wan-720p": "2.6-2.9x"}
+D = 128
+
+
+def timeit(fn, *args, reps: int = 7, target_s: float = 0.05) -> float:
+    """Median seconds per call; calls are queued back to back, synchronised per rep."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    iters = max(1, min(200, int(target_s / max(one, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def inputs(t, h, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return [jax.random.normal(k, (1, t, h, D), jnp.bfloat16) for k in ks]
+
+
+def dense_flops(t, h):
+    return 4.0 * t * t * D * h
+
+
+def pallas_flash(q, k, v):
+    from jax.experimental.pallas.ops.gpu import attention as flash
+    best = None
+    for bq, bk, warps, stages in ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)):
+        fn = jax.jit(lambda q, k, v, bq=bq, bk=bk, w=warps, s=stages: flash.mha(
+            q, k, v, None, sm_scale=D ** -0.5,
+            block_sizes=flash.BlockSizes(block_q=bq, block_k=bk), num_warps=w, num_stages=s))
+        try:
+            ms = timeit(fn, q, k, v) * 1e3
+        except Exception as e:  # a config Triton cannot build is skipped, not fatal
+            print(f"  pallas flash {bq}x{bk} w{warps} s{stages} failed: {type(e).__name__}")
+            continue
+        best = ms if best is None else min(best, ms)
+    return best
+
+
+def pisa_fn(density, use_bias, config=None, sort_indices=False):
+    def run(q, k, v):
+        stats = stats_kernel.block_statistics(q, k, v, block_size=64, with_norms=use_bias,
+                                              layout="bthd", interpret=False)
+        sel = pj.select_blocks(stats, density=density, use_bias=use_bias)
+        if sort_indices:
+            sel = pj.Selection(indices=jnp.sort(sel.indices, axis=-1), num_blocks=sel.num_blocks)
+        return attn_kernel.piecewise_attention(q, k, v, stats, sel, scale=D ** -0.5, order=1,
+                                               layout="bthd", interpret=False, config=config)
+    return jax.jit(run)
+
+
+def stage_times(q, k, v, density, use_bias):
+    st = jax.jit(lambda q, k, v: pj.block_statistics(q, k, v, with_norms=use_bias))
+    stats = st(q, k, v)
+    se = jax.jit(lambda s: pj.select_blocks(s, density=density, use_bias=use_bias))
+    sel = se(stats)
+    at = jax.jit(lambda q, k, v, s, c: pj.piecewise_attention(q, k, v, s, c))
+    exact_only = jax.jit(lambda q, k, v, s, c: pj.piecewise_attention(q, k, v, s, c, order=-1))
+    return {"statistics_ms": timeit(st, q, k, v) * 1e3,
+            "selection_ms": timeit(se, stats) * 1e3,
+            "attention_ms": timeit(at, q, k, v, stats, sel) * 1e3,
+            "exact_path_ms": timeit(exact_only, q, k, v, stats, sel) * 1e3}
+
+
+def extra_memory(q, k, v, density, use_bias):
+    compiled = pisa_fn(density, use_bias).lower(q, k, v).compile()
+    mem = compiled.memory_analysis()
+    qkv = 3 * q.size * q.dtype.itemsize
+    return {"temp_bytes": int(mem.temp_size_in_bytes), "qkv_bytes": int(qkv),
+            "fraction_of_qkv": mem.temp_size_in_bytes / qkv}
+
+
+def sweep(q, k, v):
+    rows = []
+    for warps, stages, sort in ((4, 2, False), (4, 3, False), (4, 2, True), (4, 3, True)):
+        cfg = LaunchConfig(num_warps=warps, num_stages=stages)
+        try:
+            ms = timeit(pisa_fn(0.15, True, cfg, sort), q, k, v) * 1e3
+        except Exception as e:
+            print(f"  config w{warps} s{stages} failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        rows.append({"num_warps": warps, "num_stages": stages, "sorted": sort, "ms": ms})
+        print(f"  sweep w{warps} s{stages} sorted={sort}: {ms:.3f} ms", flush=True)
+    return rows
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    dens = sorted({float(d) for r in results.values() for d in r["pisa"]})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / (2 * len(dens))
+    for n, (dn, bias) in enumerate([(d, b) for d in dens for b in (False, True)]):
+        ys = [results[s]["cudnn_ms"] / results[s]["pisa"][str(dn)]["bias" if bias else "no_bias"]
+              for s in names]
+        ax.bar(np.arange(len(names)) + (n - len(dens)) * width + width / 2, ys, width,
+               label=f"PISA d={dn}" + (" bias" if bias else ""))
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("speedup over JAX cuDNN dense")
+    ax.set_title(f"PISA (Pallas Triton) on {jax.devices()[0].device_kind}, bf16, D=128")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--densities", default="0.10,0.15,0.25")
+    p.add_argument("--sweep", action="store_true", help="also time launch configs")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = p.parse_args(argv)
+    shapes = args.shapes.split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown {unknown}; expected names from {list(SHAPES)}")
+    densities = [float(x) for x in args.densities.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+
+    results = {}
+    for name in shapes:
+        t, h = SHAPES[name]
+        q, k, v = inputs(t, h)
+        cudnn = jax.jit(lambda q, k, v: pj.dense_attention(q, k, v, implementation="cudnn"))
+        r = {"T": t, "H": h, "cudnn_ms": timeit(cudnn, q, k, v) * 1e3}
+        r["cudnn_tflops"] = dense_flops(t, h) / r["cudnn_ms"] / 1e9
+        r["pallas_flash_ms"] = pallas_flash(q, k, v)
+        r["pisa"] = {}
+        for dn in densities:
+            r["pisa"][str(dn)] = {
+                ("bias" if b else "no_bias"): timeit(pisa_fn(dn, b), q, k, v) * 1e3
+                for b in (False, True)}
+        r["stages_d0.15_bias"] = stage_times(q, k, v, 0.15, True)
+        r["memory_d0.15_bias"] = extra_memory(q, k, v, 0.15, True)
+        if args.sweep:
+            r["sweep_d0.15_bias"] = sweep(q, k, v)
+        results[name] = r
+        print(json.dumps({name: r}), flush=True)
+        del q, k, v
+
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                   "results": results}, f, indent=1)
+    plot(results, os.path.join(args.out, "attention.png"))
+
+    print(f"\n{'shape':10} {'cuDNN ms':>9} {'flash ms':>9} " + " ".join(
+        f"{'d=' + str(d) + ('b' if b else ''):>9}" for d in densities for b in (False, True))
+        + "  speedup@0.15b  published@0.15")
+    for name, r in results.items():
+        cells = " ".join(f"{r['pisa'][str(d)]['bias' if b else 'no_bias']:9.3f}"
+                         for d in densities for b in (False, True))
+        best = r["pisa"].get("0.15", {}).get("bias")
+        sp = f"{r['cudnn_ms'] / best:12.2f}x" if best else " " * 13
+        flash = f"{r['pallas_flash_ms']:9.3f}" if r["pallas_flash_ms"] else "      n/a"
+        print(f"{name:10} {r['cudnn_ms']:9.3f} {flash} {cells}  {sp}  "
+              f"{PUBLISHED_SPEEDUP_015[name]:>12}")
+    print("\nstages at d=0.15 with bias (ms) and extra memory:")
+    for name, r in results.items():
+        s, m = r["stages_d0.15_bias"], r["memory_d0.15_bias"]
+        print(f"{name:10} stats {s['statistics_ms']:.3f}  select {s['selection_ms']:.3f}  "
+              f"attention {s['attention_ms']:.3f} (exact only {s['exact_path_ms']:.3f})  "
+              f"extra mem {m['temp_bytes'] / 2**20:.0f} MiB = "
+              f"{100 * m['fraction_of_qkv']:.1f}% of qkv")
+
+
+if __name__ == "__main__":
+    main()

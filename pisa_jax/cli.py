@@ -1,0 +1,39 @@
+"""Command line: `pisa-jax demo` (and `pisa-jax convert`, the FLUX weight converter)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pisa-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="compare dense, PISA and keep-or-drop attention")
+    demo.add_argument("--side", type=int, default=48, help="latent grid side (T = side^2)")
+    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--head-dim", type=int, default=64, choices=(64, 128))
+    demo.add_argument("--densities", default="0.1,0.15,0.25,0.5")
+    demo.add_argument("--seed", type=int, default=0)
+    conv = sub.add_parser("convert", help="convert FLUX.1 weights (same as "
+                                          "`python -m models.flux.convert`)")
+    conv.add_argument("args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        try:
+            densities = tuple(float(x) for x in args.densities.split(","))
+        except ValueError:
+            parser.error(f"--densities: expected comma-separated numbers, got {args.densities!r}")
+        if args.side < 8:
+            parser.error(f"--side: expected at least 8, got {args.side}")
+        from pisa_jax import demo as demo_mod
+        demo_mod.run(side=args.side, heads=args.heads, head_dim=args.head_dim,
+                     densities=densities, seed=args.seed)
+        return 0
+    from models.flux import convert
+    return convert.main(args.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The Pallas kernels on a real GPU (run with `pytest -m gpu` on a CUDA machine)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pisa_jax as pj
+from tests.helpers import relative_error
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU"),
+]
+
+
+def _qkv(seed, b, t, h, d, dtype, spread=1.0, layout="bthd"):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    shape = (b, t, h, d) if layout == "bthd" else (b, h, t, d)
+    return [(spread * jax.random.normal(k, shape, jnp.float32)).astype(dtype) for k in ks]
+
+
+@pytest.mark.parametrize("t,h,block_size,layout", [
+    (4608, 4, 64, "bthd"), (4608 - 37, 3, 64, "bhtd"), (8192, 2, 128, "bthd")])
+@pytest.mark.parametrize("order", [1, 0, -1])
+def test_float32_matches_reference_at_realistic_shapes(t, h, block_size, layout, order):
+    q, k, v = _qkv(t + order, 1, t, h, 128, jnp.float32, layout=layout)
+    opts = dict(density=0.15, block_size=block_size, order=order, use_bias=True,
+                forced_blocks=[0], layout=layout)
+    ref = pj.piecewise_sparse_attention(q, k, v, implementation="reference", **opts)
+    out = jax.jit(lambda q, k, v: pj.piecewise_sparse_attention(
+        q, k, v, implementation="pallas", **opts))(q, k, v)
+    assert relative_error(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_within_1e_2_of_float32_reference_with_same_selection(dtype):
+    q, k, v = _qkv(7, 2, 4608, 4, 128, dtype)
+    stats = pj.block_statistics(q, k, v, with_norms=True, implementation="pallas")
+    sel = pj.select_blocks(stats, density=0.15, use_bias=True)
+    out = pj.piecewise_attention(q, k, v, stats, sel, implementation="pallas")
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref_stats = pj.block_statistics(*f32, with_norms=True, implementation="reference")
+    ref = pj.piecewise_attention(*f32, ref_stats, sel, implementation="reference")
+    assert out.dtype == dtype
+    assert relative_error(out, ref) <= 1e-2
+
+
+def test_large_logits_stay_finite():
+    # |s q.k| reaches about 80 with this spread at D = 128.
+    q, k, v = _qkv(3, 1, 4096, 4, 128, jnp.bfloat16, spread=3.0)
+    logits = jnp.einsum("bthd,bshd->bhts", q[:, :512].astype(jnp.float32),
+                        k.astype(jnp.float32)) * 128 ** -0.5
+    assert float(jnp.abs(logits).max()) > 60
+    stats = pj.block_statistics(q, k, v, with_norms=True, implementation="pallas")
+    sel = pj.select_blocks(stats, use_bias=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref_stats = pj.block_statistics(*f32, implementation="reference")
+    for order in (1, 0, -1):
+        out = pj.piecewise_attention(q, k, v, stats, sel, order=order, implementation="pallas")
+        assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+        ref = pj.piecewise_attention(*f32, ref_stats, sel, order=order,
+                                     implementation="reference")
+        assert relative_error(out, ref) <= 1e-2
+
+
+def test_density_one_is_dense_attention_on_gpu():
+    q, k, v = _qkv(11, 1, 2048, 4, 64, jnp.float32)
+    out = pj.piecewise_sparse_attention(q, k, v, density=1.0, implementation="pallas")
+    ref = pj.dense_attention(q, k, v, implementation="reference")
+    assert relative_error(out, ref) < 1e-5
+    assert np.isfinite(np.asarray(out)).all()

@@ -1,0 +1,117 @@
+"""The Pallas kernels, run in interpret mode on the CPU, against the reference.
+
+Interpret mode fills every output with NaN before the kernel runs (checked below), and
+`relative_error` refuses non-finite values, so any element a kernel fails to write fails
+the comparison.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+import pisa_jax as pj
+from tests.helpers import random_qkv, relative_error
+
+PALLAS = dict(implementation="pallas", interpret=True)
+REF = dict(implementation="reference")
+
+
+def _qkv(seed, b, t, h, d, layout="bthd", dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(x, dtype) for x in random_qkv(rng, b, t, h, d, layout)]
+
+
+def test_interpret_mode_poisons_outputs():
+    def writes_nothing(x_ref, o_ref):
+        pass
+    out = pl.pallas_call(writes_nothing, out_shape=jax.ShapeDtypeStruct((8, 16), jnp.float32),
+                         interpret=True)(jnp.ones((8, 16)))
+    assert np.isnan(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("t,bs,d,layout", [(200, 64, 64, "bthd"), (100, 32, 48, "bhtd"),
+                                           (256, 128, 128, "bthd"), (17, 16, 16, "bhtd")])
+def test_block_statistics_kernel_matches_reference(t, bs, d, layout):
+    q, k, v = _qkv(t, 2, t, 3, d, layout)
+    got = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **PALLAS)
+    want = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **REF)
+    for name in ("q_mean", "k_mean", "v_sum", "moment", "moment_norms"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and a.dtype == jnp.float32, name
+        assert relative_error(a, b) < 1e-5, name
+    assert got.moment_norms is not None
+    no_norms = pj.block_statistics(q, k, v, block_size=bs, layout=layout, **PALLAS)
+    assert no_norms.moment_norms is None
+
+
+@pytest.mark.parametrize("t,bs,d,layout,order", [
+    (200, 64, 64, "bthd", 1),      # partial last block (200 = 3 * 64 + 8)
+    (200, 64, 64, "bhtd", 0),
+    (333, 128, 64, "bthd", -1),
+    (150, 64, 128, "bhtd", 1),
+    (100, 32, 40, "bthd", 1),      # head dim padded to 64 inside the wrapper
+    (1, 64, 64, "bthd", 1),        # a single token
+    (64, 16, 16, "bhtd", 0),
+])
+def test_piecewise_attention_kernel_matches_reference_float32(t, bs, d, layout, order):
+    q, k, v = _qkv(t + d, 2, t, 2, d, layout)
+    opts = dict(density=0.3, block_size=bs, order=order, use_bias=True, layout=layout)
+    got = pj.piecewise_sparse_attention(q, k, v, **opts, **PALLAS)
+    want = pj.piecewise_sparse_attention(q, k, v, **opts, **REF)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_kernels_within_1e_2_of_float32_reference(dtype):
+    q, k, v = _qkv(5, 1, 300, 2, 64, dtype=dtype)
+    stats = pj.block_statistics(q, k, v, with_norms=True, **PALLAS)
+    sel = pj.select_blocks(stats, density=0.4, use_bias=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref_stats = pj.block_statistics(*f32, **REF)
+    for order in (1, -1):
+        got = pj.piecewise_attention(q, k, v, stats, sel, order=order, **PALLAS)
+        want = pj.piecewise_attention(*f32, ref_stats, sel, order=order, **REF)
+        assert got.dtype == dtype
+        assert relative_error(got, want) <= 1e-2
+
+
+def test_forced_blocks_and_density_one_in_kernels():
+    q, k, v = _qkv(9, 1, 160, 2, 32)
+    opts = dict(density=0.2, block_size=16, forced_blocks=[0, -1])
+    got = pj.piecewise_sparse_attention(q, k, v, **opts, **PALLAS)
+    want = pj.piecewise_sparse_attention(q, k, v, **opts, **REF)
+    assert relative_error(got, want) < 1e-5
+    dense = pj.dense_attention(q, k, v, implementation="reference")
+    full = pj.piecewise_sparse_attention(q, k, v, density=1.0, block_size=16, **PALLAS)
+    assert relative_error(full, dense) < 1e-5
+
+
+def test_reused_selection_under_jit():
+    q, k, v = _qkv(11, 1, 130, 2, 32)
+    q2 = _qkv(12, 1, 130, 2, 32)[0]
+
+    @jax.jit
+    def two_calls(q, q2, k, v):
+        stats = pj.block_statistics(q, k, v, block_size=32, **PALLAS)
+        sel = pj.select_blocks(stats, density=0.5)
+        stats2 = pj.block_statistics(q2, k, v, block_size=32, **PALLAS)
+        return sel, pj.piecewise_attention(q2, k, v, stats2, sel, **PALLAS)
+
+    sel, got = two_calls(q, q2, k, v)
+    stats2 = pj.block_statistics(q2, k, v, block_size=32, **REF)
+    want = pj.piecewise_attention(q2, k, v, stats2, sel, **REF)
+    assert relative_error(got, want) < 1e-5
+
+
+def test_differentiating_the_kernels_fails_clearly():
+    q, k, v = _qkv(13, 1, 64, 1, 16)
+    loss = lambda q: pj.piecewise_sparse_attention(q, k, v, block_size=16, **PALLAS).sum()
+    with pytest.raises(TypeError, match="inference-only and cannot be differentiated"):
+        jax.grad(loss)(q)
