@@ -15,6 +15,9 @@ from pisa_jax._blocks import selection_size
 from pisa_jax._types import BlockStatistics, Selection
 
 
+_SCORE_ELEMENTS = 1 << 23
+
+
 def block_scores(stats: BlockStatistics, scale: float, use_bias: bool) -> jax.Array:
     """`[B, H, NT, NT]` pooled scores `s * qc_i . kc_j` (+ `log(||H_j||_F + 1e-5)`)."""
     scores = scale * jnp.einsum("bhid,bhjd->bhij", stats.q_mean, stats.k_mean,
@@ -38,11 +41,22 @@ def select_from_statistics(
 ) -> Selection:
     """Top-k key blocks per query block; forced blocks always in and using up slots."""
     nt = stats.num_blocks
-    scores = block_scores(stats, scale, use_bias)
+    b, h = stats.q_mean.shape[:2]
     forced = tuple(sorted(set(forced_blocks)))
-    if forced:
-        # +inf ranks forced blocks first without changing the order of the others.
-        scores = scores.at[..., jnp.asarray(forced)].set(jnp.inf)
     k = selection_size(density, nt, len(forced))
-    _, indices = jax.lax.top_k(scores, k)
-    return Selection(indices=indices.astype(jnp.int32), num_blocks=nt)
+
+    def top_blocks(part: BlockStatistics) -> jax.Array:
+        scores = block_scores(part, scale, use_bias)
+        if forced:
+            # +inf ranks forced blocks first without changing the order of the others.
+            scores = scores.at[..., jnp.asarray(forced)].set(jnp.inf)
+        return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+
+    # The [NT, NT] scores of all heads at once would be large for long sequences
+    # (224 MB at 75k tokens and 40 heads): score a bounded number of heads at a time.
+    heads_per_step = max(1, min(b * h, _SCORE_ELEMENTS // (nt * nt)))
+    if heads_per_step >= b * h:
+        return Selection(indices=top_blocks(stats), num_blocks=nt)
+    flat = jax.tree.map(lambda x: x.reshape((b * h, 1, 1) + x.shape[2:]), stats)
+    indices = jax.lax.map(top_blocks, flat, batch_size=heads_per_step)
+    return Selection(indices=indices.reshape(b, h, nt, k), num_blocks=nt)

@@ -132,3 +132,14 @@ def test_pisa_beats_keep_or_drop_on_structured_inputs():
         q, k, v, density=0.25, block_size=16, order=o, implementation="reference"), dense)
         for o in (1, 0, -1)}
     assert errs[1] < errs[-1] and errs[0] < errs[-1]
+
+
+def test_selection_in_head_groups_matches_all_heads_at_once(monkeypatch):
+    from pisa_jax import selection
+    rng = np.random.default_rng(13)
+    q, k, v = (jnp.asarray(x) for x in random_qkv(rng, 2, 200, 3, 16))
+    st = pj.block_statistics(q, k, v, block_size=16, with_norms=True, implementation="reference")
+    whole = pj.select_blocks(st, density=0.3, use_bias=True, forced_blocks=[1])
+    monkeypatch.setattr(selection, "_SCORE_ELEMENTS", 2 * 13 * 13)   # two heads per step
+    grouped = pj.select_blocks(st, density=0.3, use_bias=True, forced_blocks=[1])
+    np.testing.assert_array_equal(np.asarray(grouped.indices), np.asarray(whole.indices))
