@@ -14,3 +14,7 @@ __all__ = [
     "select_blocks",
 ]
 __version__ = "0.1.0"
+
+from pisa_jax.nn import Attention, AttentionPolicy, layer_policies  # noqa: E402
+
+__all__ += ["Attention", "AttentionPolicy", "layer_policies"]

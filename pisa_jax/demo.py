@@ -16,17 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import pisa_jax as pj
+from pisa_jax.tokens import tile_major_permutation
 
 
-def tile_major_order(height: int, width: int, tile: int = 8) -> np.ndarray:
-    """Raster index of each token when 8 x 8 tiles are laid out one after another.
-
-    Tiles at the right and bottom edges may be partial; they keep their row-major order.
-    """
+def tile_major_order(height: int, width: int, block_size: int = 64) -> np.ndarray:
+    """Raster index of each token in tile-major order (8 x 8 tiles for block size 64)."""
     ys, xs = np.divmod(np.arange(height * width), width)
-    key = ((ys // tile) * (-(-width // tile)) + xs // tile) * tile * tile + (ys % tile) * tile \
-        + xs % tile
-    return np.argsort(key, kind="stable")
+    return np.asarray(tile_major_permutation(ys, xs, block_size))
 
 
 def rope_2d(x: np.ndarray, ys: np.ndarray, xs: np.ndarray, theta: float = 10000.0):

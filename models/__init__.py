@@ -1,0 +1,1 @@
+"""Model code built on pisa_jax."""

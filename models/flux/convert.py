@@ -1,0 +1,375 @@
+"""FLUX.1 weights: official checkpoints -> this project's Flax layout, and loading.
+
+    python -m models.flux.convert SRC OUT [--axes-dim 16,56,56] [--dtype bf16]
+
+SRC is one of
+  * a Black Forest Labs single file (`flux1-dev.safetensors` layout, with or without the
+    `model.diffusion_model.` prefix);
+  * a diffusers transformer folder (`config.json` and one or several safetensors shards
+    with their index JSON);
+  * a diffusers pipeline folder (with `transformer/` inside).
+OUT becomes a folder with `config.json` and `model-XXXXX.safetensors` shards whose names
+are the Flax parameter paths (`double_blocks.0.img_attn.qkv.kernel`, kernels `[in, out]`).
+
+Conversion streams tensor by tensor (the source is read lazily, the output is written in
+shards), refuses missing, unexpected or mis-shaped tensors by name, and writes into a
+temporary folder renamed to OUT only at the end, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from models.flux.config import FluxConfig
+from models.flux.model import Flux, default_policies
+
+BFL_PREFIX = "model.diffusion_model."
+FORMAT = "pisa-jax-flux"
+DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+_SHARD_BYTES = 2 << 30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted: what is wrong, by tensor name."""
+
+
+# ------------------------------------------------------------------------- reading
+
+class TensorFiles:
+    """Lazy access to the tensors of one or several safetensors files."""
+
+    def __init__(self, files: list[str], strip_prefix: str = ""):
+        self._where: dict[str, tuple[str, str]] = {}
+        self._handles = {}
+        for path in files:
+            with safe_open(path, framework="flax") as f:
+                for key in f.keys():
+                    name = key[len(strip_prefix):] if key.startswith(strip_prefix) else key
+                    self._where[name] = (path, key)
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        path, key = self._where[name]
+        return tuple(self._open(path).get_slice(key).get_shape())
+
+    def get(self, name: str) -> jax.Array:
+        path, key = self._where[name]
+        return self._open(path).get_tensor(key)
+
+    def _open(self, path):
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="flax").__enter__()
+        return self._handles[path]
+
+
+def _source_kind(src: str) -> tuple[str, str]:
+    """('bfl' | 'diffusers' | 'converted', path of the file or folder)."""
+    if os.path.isfile(src):
+        if not src.endswith(".safetensors"):
+            raise CheckpointError(f"expected a .safetensors single file or a folder; got {src}")
+        return "bfl", src
+    if not os.path.isdir(src):
+        raise CheckpointError(f"no such file or folder: {src}")
+    cfg = os.path.join(src, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            meta = json.load(f)
+        return ("converted" if meta.get("format") == FORMAT else "diffusers"), src
+    if os.path.isfile(os.path.join(src, "transformer", "config.json")):
+        return "diffusers", os.path.join(src, "transformer")
+    raise CheckpointError(f"{src} is neither a single file, a diffusers transformer folder "
+                          "(config.json + safetensors), a pipeline folder (transformer/) nor "
+                          "a converted checkpoint")
+
+
+def _diffusers_files(folder: str) -> list[str]:
+    index = glob.glob(os.path.join(folder, "*.safetensors.index.json"))
+    if index:
+        with open(index[0]) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise CheckpointError(f"{index[0]} names shards that are not there: {missing}")
+        return [os.path.join(folder, s) for s in shards]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"no safetensors files in {folder}")
+    return files
+
+
+# ------------------------------------------------------------------ hyperparameters
+
+def config_from_diffusers(folder: str, axes_dim=None) -> FluxConfig:
+    with open(os.path.join(folder, "config.json")) as f:
+        c = json.load(f)
+    if c.get("patch_size", 1) != 1:
+        raise CheckpointError(f"only patch_size 1 (packed latents) is supported; got "
+                              f"{c['patch_size']}")
+    heads, hd = c.get("num_attention_heads", 24), c.get("attention_head_dim", 128)
+    return FluxConfig(
+        in_channels=c.get("in_channels", 64),
+        out_channels=c.get("out_channels") or c.get("in_channels", 64),
+        vec_in_dim=c.get("pooled_projection_dim", 768),
+        context_in_dim=c.get("joint_attention_dim", 4096),
+        hidden_size=heads * hd, num_heads=heads,
+        depth=c.get("num_layers", 19), depth_single_blocks=c.get("num_single_layers", 38),
+        axes_dim=tuple(axes_dim or c.get("axes_dims_rope", (16, 56, 56))),
+        guidance_embed=bool(c.get("guidance_embeds", False)))
+
+
+def config_from_bfl(files: TensorFiles, axes_dim=None) -> FluxConfig:
+    names = files.names()
+    need = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight",
+            "double_blocks.0.img_attn.norm.query_norm.scale", "double_blocks.0.img_mlp.0.weight",
+            "final_layer.linear.weight"]
+    missing = [n for n in need if n not in names]
+    if missing:
+        raise CheckpointError(f"not a FLUX single-file checkpoint: missing {missing}")
+    hidden, in_ch = files.shape("img_in.weight")
+    head_dim = files.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    count = lambda p: len({n.split(".")[1] for n in names if n.startswith(p)})
+    return FluxConfig(
+        in_channels=in_ch, out_channels=files.shape("final_layer.linear.weight")[0],
+        vec_in_dim=files.shape("vector_in.in_layer.weight")[1],
+        context_in_dim=files.shape("txt_in.weight")[1], hidden_size=hidden,
+        mlp_ratio=files.shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+        num_heads=hidden // head_dim, depth=count("double_blocks."),
+        depth_single_blocks=count("single_blocks."),
+        axes_dim=tuple(axes_dim or (16, 56, 56)),
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in names,
+        guidance_embed="guidance_in.in_layer.weight" in names)
+
+
+# -------------------------------------------------------------------- name mapping
+
+def _diffusers_recipe(cfg: FluxConfig) -> dict[str, tuple[list[str], Callable]]:
+    """BFL name -> (diffusers names, how to combine them), PyTorch `[out, in]` layout."""
+    cat = lambda *xs: jnp.concatenate(xs, axis=0)
+    one = lambda x: x
+    swap = lambda x: jnp.concatenate(jnp.split(x, 2, axis=0)[::-1], axis=0)
+    r: dict[str, tuple[list[str], Callable]] = {}
+
+    def linear(bfl, dif, fn=one, parts=None):
+        for s in ("weight", "bias"):
+            r[f"{bfl}.{s}"] = ([f"{d}.{s}" for d in (parts or [dif])], fn)
+
+    linear("img_in", "x_embedder")
+    linear("txt_in", "context_embedder")
+    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
+    if cfg.guidance_embed:
+        embedders.append(("guidance_in", "guidance_embedder"))
+    for bfl, dif in embedders:
+        linear(f"{bfl}.in_layer", f"time_text_embed.{dif}.linear_1")
+        linear(f"{bfl}.out_layer", f"time_text_embed.{dif}.linear_2")
+    for i in range(cfg.depth):
+        b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        linear(f"{b}.img_mod.lin", f"{d}.norm1.linear")
+        linear(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear")
+        linear(f"{b}.img_attn.qkv", None, cat, [f"{d}.attn.to_{x}" for x in "qkv"])
+        linear(f"{b}.txt_attn.qkv", None, cat, [f"{d}.attn.add_{x}_proj" for x in "qkv"])
+        linear(f"{b}.img_attn.proj", f"{d}.attn.to_out.0")
+        linear(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out")
+        linear(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj")
+        linear(f"{b}.img_mlp.2", f"{d}.ff.net.2")
+        linear(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj")
+        linear(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")
+        for stream, (qn, kn) in (("img", ("norm_q", "norm_k")),
+                                 ("txt", ("norm_added_q", "norm_added_k"))):
+            r[f"{b}.{stream}_attn.norm.query_norm.scale"] = ([f"{d}.attn.{qn}.weight"], one)
+            r[f"{b}.{stream}_attn.norm.key_norm.scale"] = ([f"{d}.attn.{kn}.weight"], one)
+    for i in range(cfg.depth_single_blocks):
+        b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        linear(f"{b}.linear1", None, cat,
+               [f"{d}.attn.to_{x}" for x in "qkv"] + [f"{d}.proj_mlp"])
+        linear(f"{b}.linear2", f"{d}.proj_out")
+        linear(f"{b}.modulation.lin", f"{d}.norm.linear")
+        r[f"{b}.norm.query_norm.scale"] = ([f"{d}.attn.norm_q.weight"], one)
+        r[f"{b}.norm.key_norm.scale"] = ([f"{d}.attn.norm_k.weight"], one)
+    # diffusers' final norm splits (scale, shift); the reference splits (shift, scale).
+    linear("final_layer.adaLN_modulation.1", "norm_out.linear", swap)
+    linear("final_layer.linear", "proj_out")
+    return r
+
+
+def _expected_params(cfg: FluxConfig, dtype) -> dict[str, tuple[tuple, jax.ShapeDtypeStruct]]:
+    """Flax path string -> (path tuple, abstract value) of the model's parameters."""
+    abstract = nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    return {".".join(map(str, p)): (p, v) for p, v in flat}
+
+
+def _flax_to_bfl(path: str) -> tuple[str, bool]:
+    """('X.weight', transpose) for 'X.kernel'; other names unchanged."""
+    if path.endswith(".kernel"):
+        return path[: -len("kernel")] + "weight", True
+    return path, False
+
+
+def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
+                   ) -> tuple[FluxConfig, Iterator[tuple[str, jax.Array]]]:
+    """The config and a stream of (Flax path, array) for any supported SRC.
+
+    Every check that can be made from names and shapes alone (missing, unexpected,
+    mis-shaped tensors) runs before the first tensor is yielded.
+    """
+    kind, path = _source_kind(src)
+    if kind == "converted":
+        with open(os.path.join(path, "config.json")) as f:
+            meta = json.load(f)
+        cfg = FluxConfig(**{k: v for k, v in meta.items() if k not in ("format", "dtype")})
+        files = TensorFiles(sorted(glob.glob(os.path.join(path, "model-*.safetensors"))))
+        recipe = {n: ([n], lambda x: x) for n in files.names()}
+        to_source = lambda p: (p, False)
+    elif kind == "bfl":
+        files = TensorFiles([path], strip_prefix=BFL_PREFIX)
+        cfg = config_from_bfl(files, axes_dim)
+        recipe = {n: ([n], lambda x: x) for n in files.names()}
+        to_source = _flax_to_bfl
+    else:
+        files = TensorFiles(_diffusers_files(path))
+        cfg = config_from_diffusers(path, axes_dim)
+        recipe = _diffusers_recipe(cfg)
+        to_source = _flax_to_bfl
+
+    expected = _expected_params(cfg, dtype)
+    plan = {}
+    for flax_path, (_, abstract) in expected.items():
+        name, transpose = to_source(flax_path)
+        if name not in recipe:
+            continue
+        plan[flax_path] = (recipe[name], transpose, abstract.shape)
+    missing = sorted(to_source(p)[0] for p in expected if p not in plan)
+    needed = {n for (names, _), _, _ in plan.values() for n in names}
+    absent = sorted(needed - files.names())
+    unexpected = sorted(files.names() - needed)
+    if missing or absent or unexpected:
+        raise CheckpointError(
+            "checkpoint does not match the FLUX model inferred from it: "
+            + "; ".join(f"{what}: {names[:20]}{' ...' if len(names) > 20 else ''}"
+                        for what, names in (("missing", missing + absent),
+                                            ("unexpected", unexpected)) if names))
+    for flax_path, ((names, _), transpose, shape) in plan.items():
+        got = [files.shape(n) for n in names]
+        rows = sum(s[0] for s in got)
+        full = (rows,) + got[0][1:]
+        if transpose:
+            full = full[::-1]
+        if full != tuple(shape):
+            raise CheckpointError(f"tensor {names if len(names) > 1 else names[0]} has shape "
+                                  f"{got if len(got) > 1 else got[0]}; the model expects "
+                                  f"{tuple(shape[::-1]) if transpose else tuple(shape)} "
+                                  f"for {to_source(flax_path)[0]}")
+
+    def stream():
+        for flax_path, ((names, combine), transpose, _) in plan.items():
+            x = combine(*(files.get(n) for n in names))
+            yield flax_path, (x.T if transpose else x).astype(dtype)
+
+    return cfg, stream()
+
+
+# ------------------------------------------------------------------------- writing
+
+def convert(src: str, out: str, *, dtype=jnp.bfloat16, axes_dim=None, progress=print) -> str:
+    """Converts SRC into the folder OUT (must not exist); returns OUT."""
+    if os.path.exists(out):
+        raise CheckpointError(f"output {out} already exists; remove it or choose another path")
+    from safetensors.flax import save_file
+    cfg, tensors = iter_converted(src, dtype=dtype, axes_dim=axes_dim)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        shard, size, n_shards, n_tensors = {}, 0, 0, 0
+
+        def flush():
+            nonlocal shard, size, n_shards
+            if shard:
+                n_shards += 1
+                save_file(shard, os.path.join(tmp, f"model-{n_shards:05d}.safetensors"))
+                shard, size = {}, 0
+
+        for name, x in tensors:
+            shard[name] = x
+            size += x.size * x.dtype.itemsize
+            n_tensors += 1
+            if size >= _SHARD_BYTES:
+                flush()
+                progress(f"  {n_tensors} tensors written")
+        flush()
+        meta = json.loads(cfg.to_json()) | {"format": FORMAT, "dtype": jnp.dtype(dtype).name}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"wrote {n_tensors} tensors in {n_shards} shard(s) to {out}")
+    return out
+
+
+def load_flux(path: str, *, dtype=None, attention: str = "pisa", policies=None,
+              axes_dim=None, **policy_options) -> Flux:
+    """A `Flux` model from a converted checkpoint or an official one (converted in memory).
+
+    Args:
+      path: converted folder, BFL single file, diffusers transformer or pipeline folder.
+      dtype: parameter and compute dtype (default bfloat16).
+      attention: "pisa" (the published per-layer setting) or "dense".
+      policies: explicit per-layer `AttentionPolicy` tuple (overrides `attention`).
+      policy_options: passed to `pisa_jax.layer_policies` (density, dense_layers, ...).
+    """
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    cfg, tensors = iter_converted(path, dtype=dtype, axes_dim=axes_dim)
+    policies = policies or default_policies(cfg, attention, **policy_options)
+    abstract = nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                           policies=policies))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    by_name = {".".join(map(str, p)): p for p in flat}
+    for name, x in tensors:
+        p = by_name[name]
+        flat[p] = flat[p].replace(x)
+    return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.flux.convert",
+                                description="Convert FLUX.1 weights to pisa-jax's Flax layout.")
+    p.add_argument("src", help="BFL single file, diffusers transformer or pipeline folder")
+    p.add_argument("out", help="output folder (must not exist)")
+    p.add_argument("--axes-dim", default=None,
+                   help="RoPE axes dims, e.g. 16,56,56 (default: from config, else 16,56,56)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    args = p.parse_args(argv)
+    axes = None
+    if args.axes_dim:
+        try:
+            axes = tuple(int(a) for a in args.axes_dim.split(","))
+        except ValueError:
+            p.error(f"--axes-dim: expected comma-separated integers, got {args.axes_dim!r}")
+    try:
+        convert(args.src, args.out, dtype=DTYPES[args.dtype], axes_dim=axes)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
