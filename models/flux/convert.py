@@ -77,6 +77,23 @@ class TensorFiles:
         return self._handles[path]
 
 
+class TensorDict:
+    """The same interface over tensors already in memory (e.g. a diffusers state dict)."""
+
+    def __init__(self, tensors: dict, to_array: Callable = jnp.asarray):
+        self._tensors = tensors
+        self._to_array = to_array
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> jax.Array:
+        return self._to_array(self._tensors[name])
+
+
 def _source_kind(src: str) -> tuple[str, str]:
     """('bfl' | 'diffusers' | 'converted', path of the file or folder)."""
     if os.path.isfile(src):
@@ -246,6 +263,17 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
         recipe = _diffusers_recipe(cfg)
         to_source = _flax_to_bfl
 
+    return cfg, _planned_stream(files, recipe, to_source, cfg, dtype)
+
+
+def iter_diffusers_state(tensors: dict, cfg: FluxConfig, *, dtype=jnp.bfloat16,
+                         to_array: Callable = jnp.asarray):
+    """(Flax path, array) stream from an in-memory diffusers state dict."""
+    return _planned_stream(TensorDict(tensors, to_array), _diffusers_recipe(cfg), _flax_to_bfl,
+                           cfg, dtype)
+
+
+def _planned_stream(files, recipe, to_source, cfg: FluxConfig, dtype):
     expected = _expected_params(cfg, dtype)
     plan = {}
     for flax_path, (_, abstract) in expected.items():
@@ -280,7 +308,7 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
             x = combine(*(files.get(n) for n in names))
             yield flax_path, (x.T if transpose else x).astype(dtype)
 
-    return cfg, stream()
+    return stream()
 
 
 # ------------------------------------------------------------------------- writing
@@ -337,6 +365,11 @@ def load_flux(path: str, *, dtype=None, attention: str = "pisa", policies=None,
     dtype = jnp.bfloat16 if dtype is None else dtype
     cfg, tensors = iter_converted(path, dtype=dtype, axes_dim=axes_dim)
     policies = policies or default_policies(cfg, attention, **policy_options)
+    return model_from_tensors(cfg, tensors, dtype=dtype, policies=policies)
+
+
+def model_from_tensors(cfg: FluxConfig, tensors, *, dtype, policies) -> Flux:
+    """A `Flux` whose parameters are filled from a (Flax path, array) stream."""
     abstract = nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), dtype=dtype,
                                            policies=policies))
     graphdef, state = nnx.split(abstract)

@@ -1,0 +1,175 @@
+"""Full-size FLUX.1-dev transformer forward: this project (dense, PISA) against diffusers.
+
+    python benchmarks/flux.py [--sizes 1024,2048] [--out benchmarks/out] [--no-diffusers]
+
+Random bf16 weights are drawn once on the GPU in diffusers' `FluxTransformer2DModel`
+(PyTorch, SDPA attention) and copied into the Flax model through the converter's
+diffusers mapping, so both run the same weights. Per image size it reports one forward's
+median time, `jax.jit` compile time, device memory, and the relative difference of our
+dense bf16 output to diffusers'. Writes `flux.json` to --out and a table to stdout.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # share the GPU with torch
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from models.flux import FLUX_DEV, default_policies  # noqa: E402
+from models.flux.convert import iter_diffusers_state, model_from_tensors  # noqa: E402
+
+N_TXT = 512
+
+
+def inputs(size: int, seed: int = 0):
+    side = size // 16                       # 8x VAE downsampling, then 2x2 patches
+    rng = np.random.default_rng(seed)
+    rr, cc = np.divmod(np.arange(side * side), side)
+    img_ids = np.stack([np.zeros_like(rr), rr, cc], -1).astype(np.float32)
+    return dict(img=rng.standard_normal((1, side * side, 64)).astype(np.float32),
+                img_ids=img_ids[None], txt=rng.standard_normal((1, N_TXT, 4096)).astype(np.float32),
+                txt_ids=np.zeros((1, N_TXT, 3), np.float32),
+                timesteps=np.array([0.6], np.float32), y=rng.standard_normal((1, 768)).astype(
+                    np.float32), guidance=np.array([3.5], np.float32))
+
+
+def torch_median_ms(fn, reps=5):
+    import torch
+    fn(), fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def diffusers_model():
+    import torch
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = FluxTransformer2DModel(guidance_embeds=True).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def diffusers_forward(model, io):
+    import torch
+    t = lambda x: torch.from_numpy(x).cuda().to(torch.bfloat16)
+    args = dict(hidden_states=t(io["img"]), encoder_hidden_states=t(io["txt"]),
+                pooled_projections=t(io["y"]), timestep=t(io["timesteps"]),
+                img_ids=t(io["img_ids"][0]), txt_ids=t(io["txt_ids"][0]),
+                guidance=t(io["guidance"]))
+
+    @torch.no_grad()
+    def run():
+        return model(**args).sample
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="1024,2048")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    p.add_argument("--no-diffusers", action="store_true")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "sizes": {}}
+
+    def save():
+        with open(os.path.join(args.out, "flux.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    import torch
+    tmodel = diffusers_model()
+    ref_out = {}
+    for size in sizes:
+        io = inputs(size)
+        r = results["sizes"].setdefault(str(size), {"tokens": io["img"].shape[1] + N_TXT})
+        if not args.no_diffusers:
+            run = diffusers_forward(tmodel, io)
+            torch.cuda.reset_peak_memory_stats()
+            r["diffusers_ms"] = torch_median_ms(run)
+            r["diffusers_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            ref_out[size] = run().float().cpu().numpy()
+            print(f"{size}: diffusers {r['diffusers_ms']:.1f} ms", flush=True)
+    save()
+
+    t0 = time.perf_counter()
+    to_array = lambda x: jnp.array(jax.dlpack.from_dlpack(x.detach().contiguous()), copy=True)
+    model = model_from_tensors(FLUX_DEV, iter_diffusers_state(
+        tmodel.state_dict(), FLUX_DEV, dtype=jnp.bfloat16, to_array=to_array),
+        dtype=jnp.bfloat16, policies=default_policies(FLUX_DEV, "pisa"))
+    jax.block_until_ready(nnx.state(model))
+    results["weight_copy_s"] = time.perf_counter() - t0
+    del tmodel
+    torch.cuda.empty_cache()
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames="dense")
+    def forward(state, io, dense):
+        return nnx.merge(graphdef, state)(
+            io["img"], io["img_ids"], io["txt"], io["txt_ids"], io["timesteps"], io["y"],
+            io["guidance"], dense=dense)
+
+    for size in sizes:
+        io = {k: jnp.asarray(v, jnp.bfloat16 if k in ("img", "txt", "y") else jnp.float32)
+              for k, v in inputs(size).items()}
+        r = results["sizes"][str(size)]
+        outs = {}
+        for mode in ("dense", "pisa"):
+            t0 = time.perf_counter()
+            compiled = forward.lower(state, io, dense=mode == "dense").compile()
+            r[f"{mode}_compile_s"] = time.perf_counter() - t0
+            mem = compiled.memory_analysis()
+            r[f"{mode}_temp_gib"] = mem.temp_size_in_bytes / 2**30
+            outs[mode] = jax.block_until_ready(compiled(state, io))
+            jax.block_until_ready(compiled(state, io))
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled(state, io))
+                times.append(time.perf_counter() - t0)
+            r[f"{mode}_ms"] = 1e3 * statistics.median(times)
+            print(f"{size}: ours {mode} {r[f'{mode}_ms']:.1f} ms, compile "
+                  f"{r[f'{mode}_compile_s']:.1f} s, temp {r[f'{mode}_temp_gib']:.1f} GiB", flush=True)
+        dense = np.asarray(outs["dense"], np.float32)
+        rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        r["pisa_vs_dense_rel"] = rel(np.asarray(outs["pisa"], np.float32), dense)
+        if size in ref_out:
+            r["dense_vs_diffusers_rel"] = rel(dense, ref_out[size])
+        r["pisa_speedup_over_dense"] = r["dense_ms"] / r["pisa_ms"]
+        stats = jax.devices()[0].memory_stats() or {}
+        r["jax_peak_gib_so_far"] = stats.get("peak_bytes_in_use", 0) / 2**30
+        save()
+
+    print(f"\n{'size':>6} {'diffusers ms':>13} {'dense ms':>9} {'PISA ms':>8} {'PISA/dense':>10} "
+          f"{'compile s (d/p)':>16} {'rel. diff vs diffusers':>23}")
+    for size, r in results["sizes"].items():
+        print(f"{size:>6} {r.get('diffusers_ms', float('nan')):13.1f} {r['dense_ms']:9.1f} "
+              f"{r['pisa_ms']:8.1f} {r['pisa_speedup_over_dense']:9.2f}x "
+              f"{r['dense_compile_s']:7.1f}/{r['pisa_compile_s']:<7.1f} "
+              f"{r.get('dense_vs_diffusers_rel', float('nan')):23.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The Flax FLUX model's attention policy, token order, input checks and converter refusals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import pisa_jax.nn as pnn
+from models.flux import Flux, FluxConfig
+from models.flux.convert import CheckpointError, convert, main as convert_main
+from pisa_jax import AttentionPolicy, layer_policies
+from pisa_jax.tokens import tile_major_permutation
+from tests.helpers import relative_error
+
+TINY = FluxConfig(in_channels=16, out_channels=16, vec_in_dim=12, context_in_dim=24,
+                  hidden_size=32, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6))
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def _inputs(seed=0, rows=6, cols=10, n_txt=7, b=2, guidance=True):
+    rng = np.random.default_rng(seed)
+    rr, cc = np.divmod(np.arange(rows * cols), cols)
+    ids = np.stack([np.zeros_like(rr), rr, cc], -1).astype(np.float32)
+    return dict(img=rng.standard_normal((b, rows * cols, 16)).astype(np.float32),
+                img_ids=np.broadcast_to(ids, (b,) + ids.shape).copy(),
+                txt=rng.standard_normal((b, n_txt, 24)).astype(np.float32),
+                txt_ids=np.zeros((b, n_txt, 3), np.float32),
+                timesteps=rng.uniform(size=b).astype(np.float32),
+                y=rng.standard_normal((b, 12)).astype(np.float32),
+                guidance=np.full((b,), 3.5, np.float32) if guidance else None)
+
+
+def _model(policies, seed=0):
+    return Flux(TINY, rngs=nnx.Rngs(seed), dtype=jnp.float32, policies=policies)
+
+
+def test_tile_major_permutation_round_trip_on_partial_tiles():
+    rows, cols = np.divmod(np.arange(13 * 21), 21)
+    perm = np.asarray(tile_major_permutation(rows, cols))
+    assert sorted(perm) == list(range(13 * 21))
+    x = np.random.default_rng(0).standard_normal(13 * 21)
+    np.testing.assert_array_equal(x[perm][np.argsort(perm)], x)
+    first = perm[:64]
+    assert rows[first].max() == 7 and cols[first].max() == 7      # one full 8x8 tile
+
+
+def test_pisa_at_density_one_equals_dense_model_so_token_order_is_restored():
+    io = _inputs()
+    dense = _model((pnn.DENSE,) * 4)(**io)
+    full = _model(layer_policies(4, dense_layers=0, density=1.0, block_size=16))(**io)
+    assert relative_error(full, dense) < 1e-5
+    sparse = _model(layer_policies(4, dense_layers=0, density=0.3, block_size=16))(**io)
+    assert 1e-4 < relative_error(sparse, dense) < 1.0          # approximates, not equals
+
+
+def test_policy_reaches_the_attention_calls_it_claims(monkeypatch):
+    calls = []
+    real_pisa, real_dense = pnn.piecewise_sparse_attention, pnn.dense_attention
+
+    def spy_pisa(q, k, v, **kw):
+        calls.append(("pisa", kw))
+        return real_pisa(q, k, v, **kw)
+
+    def spy_dense(q, k, v, **kw):
+        calls.append(("dense", kw))
+        return real_dense(q, k, v, **kw)
+
+    monkeypatch.setattr(pnn, "piecewise_sparse_attention", spy_pisa)
+    monkeypatch.setattr(pnn, "dense_attention", spy_dense)
+    policies = layer_policies(4, dense_layers=1, density=0.4, block_size=16, exact_text=True,
+                              order=0)
+    model = _model(policies)
+    io = _inputs()
+    model(**io)
+    assert [c[0] for c in calls] == ["dense", "pisa", "pisa", "pisa"]
+    for _, kw in calls[1:]:
+        assert kw["density"] == 0.4 and kw["order"] == 0 and kw["use_bias"] is True
+        assert list(kw["forced_blocks"]) == [0]       # 7 text tokens lie in block 0
+        assert kw["layout"] == "bhtd"
+    calls.clear()
+    model(**io, dense=True)
+    assert [c[0] for c in calls] == ["dense"] * 4
+
+
+def test_pallas_policy_runs_the_kernels_and_agrees_with_reference():
+    io = _inputs(seed=3)
+    ref = _model(layer_policies(4, dense_layers=2, density=0.4, block_size=16,
+                                implementation="reference"))(**io)
+    pal = _model(layer_policies(4, dense_layers=2, density=0.4, block_size=16,
+                                implementation="pallas"))(**io)
+    assert relative_error(pal, ref) < 1e-4
+
+
+def test_model_runs_under_jit():
+    model = _model(layer_policies(4, dense_layers=1, block_size=16))
+    io = _inputs()
+    eager = model(**io)
+    jitted = nnx.jit(lambda m, io: m(**io))(model, io)
+    assert relative_error(jitted, eager) < 1e-5
+
+
+def test_bad_model_inputs_are_named():
+    model = _model((pnn.DENSE,) * 4)
+    io = _inputs()
+    with pytest.raises(ValueError, match="pass guidance"):
+        model(**(io | {"guidance": None}))
+    with pytest.raises(ValueError, match=r"txt must have shape \[2, 7, 24\]; got \[2, 7, 20\]"):
+        model(**(io | {"txt": io["txt"][..., :20]}))
+    with pytest.raises(ValueError, match="policies must hold one entry per attention layer"):
+        _model((pnn.DENSE,) * 3)
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        AttentionPolicy(density=0.0)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        AttentionPolicy(kind="sparse")
+
+
+def _broken_copy(tmp_path, edit):
+    src = os.path.join(FIXTURES, "flux_schnell_bfl.safetensors")
+    tensors = load_file(src)
+    edit(tensors)
+    path = str(tmp_path / "broken.safetensors")
+    save_file(tensors, path)
+    return path
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda t: t.pop("double_blocks.1.txt_mlp.2.bias"), r"missing: \['double_blocks.1.txt_mlp.2.bias'\]"),
+    (lambda t: t.update(extra=np.ones(3, np.float32)), r"unexpected: \['extra'\]"),
+    (lambda t: t.update({"single_blocks.0.linear2.weight": np.ones((32, 100), np.float32)}),
+     r"single_blocks.0.linear2.weight has shape \(32, 100\); the model expects \(32, 160\)"),
+])
+def test_converter_refuses_bad_checkpoints_and_leaves_nothing(tmp_path, edit, pattern):
+    bad = _broken_copy(tmp_path, edit)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=pattern):
+        convert(bad, str(out), axes_dim=(4, 6, 6), progress=lambda *_: None)
+    assert sorted(os.listdir(tmp_path)) == ["broken.safetensors"]
+
+
+def test_converter_refuses_an_existing_output_and_unknown_sources(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    src = os.path.join(FIXTURES, "flux_schnell_bfl.safetensors")
+    assert convert_main([src, str(tmp_path / "out"), "--axes-dim", "4,6,6"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert convert_main([str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_converter_cli_writes_a_loadable_folder(tmp_path):
+    out = tmp_path / "flux"
+    pipe = tmp_path / "pipe"
+    shutil.copytree(os.path.join(FIXTURES, "flux_dev_pipeline"), pipe)
+    assert convert_main([str(pipe), str(out), "--dtype", "fp32"]) == 0
+    assert (out / "config.json").exists()
+    assert any(p.name.startswith("model-") for p in out.iterdir())
