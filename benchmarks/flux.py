@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # share the GPU with torch
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
@@ -71,13 +72,22 @@ def diffusers_model():
     return model
 
 
-def diffusers_forward(model, io):
+def diffusers_inputs(io):
     import torch
     t = lambda x: torch.from_numpy(x).cuda().to(torch.bfloat16)
-    args = dict(hidden_states=t(io["img"]), encoder_hidden_states=t(io["txt"]),
+    return dict(hidden_states=t(io["img"]), encoder_hidden_states=t(io["txt"]),
                 pooled_projections=t(io["y"]), timestep=t(io["timesteps"]),
                 img_ids=t(io["img_ids"][0]), txt_ids=t(io["txt_ids"][0]),
                 guidance=t(io["guidance"]))
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def diffusers_forward(model, io):
+    import torch
+    args = diffusers_inputs(io)
 
     @torch.no_grad()
     def run():
@@ -90,6 +100,9 @@ def main(argv=None):
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--f32-reference", action="store_true",
+                   help="also run diffusers in float32 (same weights) at the first size, to "
+                        "measure how far each bf16 forward is from it")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     os.makedirs(args.out, exist_ok=True)
@@ -101,7 +114,7 @@ def main(argv=None):
 
     import torch
     tmodel = diffusers_model()
-    ref_out = {}
+    ref_out, f32_out = {}, None
     for size in sizes:
         io = inputs(size)
         r = results["sizes"].setdefault(str(size), {"tokens": io["img"].shape[1] + N_TXT})
@@ -112,6 +125,19 @@ def main(argv=None):
             r["diffusers_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             ref_out[size] = run().float().cpu().numpy()
             print(f"{size}: diffusers {r['diffusers_ms']:.1f} ms", flush=True)
+            if args.f32_reference and size == sizes[0]:
+                try:
+                    f32_model = copy.deepcopy(tmodel).float()
+                    with torch.no_grad():
+                        out32 = f32_model(**{k: (v.float() if v.is_floating_point() else v)
+                                             for k, v in diffusers_inputs(io).items()}).sample
+                    f32_out = out32.cpu().numpy()
+                    del f32_model, out32
+                    torch.cuda.empty_cache()
+                    r["diffusers_bf16_vs_f32_rel"] = rel(ref_out[size], f32_out)
+                    print(f"{size}: diffusers bf16 vs f32: {r['diffusers_bf16_vs_f32_rel']:.4f}")
+                except Exception as e:  # keep the timings even if this extra fails
+                    print(f"float32 reference failed: {type(e).__name__}: {e}")
     save()
 
     t0 = time.perf_counter()
@@ -153,7 +179,9 @@ def main(argv=None):
             print(f"{size}: ours {mode} {r[f'{mode}_ms']:.1f} ms, compile "
                   f"{r[f'{mode}_compile_s']:.1f} s, temp {r[f'{mode}_temp_gib']:.1f} GiB", flush=True)
         dense = np.asarray(outs["dense"], np.float32)
-        rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        if size == sizes[0] and f32_out is not None:
+            r["dense_vs_diffusers_f32_rel"] = rel(dense, f32_out)
+            r["pisa_vs_diffusers_f32_rel"] = rel(np.asarray(outs["pisa"], np.float32), f32_out)
         r["pisa_vs_dense_rel"] = rel(np.asarray(outs["pisa"], np.float32), dense)
         if size in ref_out:
             r["dense_vs_diffusers_rel"] = rel(dense, ref_out[size])
@@ -169,6 +197,7 @@ def main(argv=None):
               f"{r['pisa_ms']:8.1f} {r['pisa_speedup_over_dense']:9.2f}x "
               f"{r['dense_compile_s']:7.1f}/{r['pisa_compile_s']:<7.1f} "
               f"{r.get('dense_vs_diffusers_rel', float('nan')):23.4f}")
+    print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

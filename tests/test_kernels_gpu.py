@@ -23,7 +23,7 @@ def _qkv(seed, b, t, h, d, dtype, spread=1.0, layout="bthd"):
 
 
 @pytest.mark.parametrize("t,h,block_size,layout", [
-    (4608, 4, 64, "bthd"), (4608 - 37, 3, 64, "bhtd"), (8192, 2, 128, "bthd")])
+    (4608 - 37, 2, 64, "bhtd"), (8192, 1, 128, "bthd")])
 def test_float32_matches_reference_at_realistic_shapes(t, h, block_size, layout):
     q, k, v = _qkv(t, 1, t, h, 128, jnp.float32, layout=layout)
     for order in (1, 0, -1):

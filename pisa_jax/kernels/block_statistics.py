@@ -24,8 +24,8 @@ from pisa_jax.kernels._common import (LaunchConfig, dot_precision, inference_onl
 
 # Enough programs to fill an H100/H200 (132 multiprocessors) a few times over.
 _TARGET_PROGRAMS = 4 * 132
-# At least this many blocks per program keeps the partial moments small (few chunks).
-_MIN_BLOCKS_PER_PROGRAM = 16
+# A few blocks per program amortise writing its D x D partial moment.
+_MIN_BLOCKS_PER_PROGRAM = 4
 
 
 def _kernel(q_ref, k_ref, v_ref, qm_ref, km_ref, vs_ref, norm_ref, part_ref, *,
