@@ -108,7 +108,7 @@ def block_statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str,
                      interpret: bool, config: LaunchConfig | None = None) -> BlockStatistics:
     """Kernel version of `pisa_jax.block_statistics` (arguments already checked)."""
     from pisa_jax.kernels.configs import statistics_config
-    config = config or statistics_config(q.shape[-1], block_size)
+    config = config or statistics_config(q.shape[-1], block_size, q.dtype)
     run = inference_only(functools.partial(
         _statistics, block_size=block_size, with_norms=with_norms, layout=layout,
         interpret=interpret, config=config))

@@ -22,12 +22,24 @@ _STATISTICS = {
 }
 
 
+# Shared memory per multiprocessor on Hopper is 227 KiB: tiles of float32 at 128 x 128 do
+# not fit twice (double buffering of k and v), so such shapes run unpipelined.
+_TILE_BYTES_FOR_ONE_STAGE = 64 * 1024
+
+
+def _stages(head_dim: int, block_size: int, itemsize: int, stages: int) -> int:
+    big = supported_head_dim(head_dim) * block_size * itemsize >= _TILE_BYTES_FOR_ONE_STAGE
+    return 1 if big else stages
+
+
 def attention_config(head_dim: int, block_size: int, dtype) -> LaunchConfig:
-    key = (supported_head_dim(head_dim), block_size, jnp.dtype(dtype).itemsize)
-    return _ATTENTION.get(key, LaunchConfig(num_warps=4 if block_size <= 64 else 8,
-                                            num_stages=2))
+    itemsize = jnp.dtype(dtype).itemsize
+    key = (supported_head_dim(head_dim), block_size, itemsize)
+    cfg = _ATTENTION.get(key, LaunchConfig(num_warps=4 if block_size <= 64 else 8))
+    return LaunchConfig(cfg.num_warps, _stages(head_dim, block_size, itemsize, cfg.num_stages))
 
 
-def statistics_config(head_dim: int, block_size: int) -> LaunchConfig:
-    key = (supported_head_dim(head_dim), block_size)
-    return _STATISTICS.get(key, LaunchConfig(num_warps=4, num_stages=2))
+def statistics_config(head_dim: int, block_size: int, dtype) -> LaunchConfig:
+    itemsize = jnp.dtype(dtype).itemsize
+    cfg = _STATISTICS.get((supported_head_dim(head_dim), block_size), LaunchConfig())
+    return LaunchConfig(cfg.num_warps, _stages(head_dim, block_size, itemsize, cfg.num_stages))

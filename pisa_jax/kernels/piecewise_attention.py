@@ -153,6 +153,12 @@ def piecewise_attention(q, k, v, stats: BlockStatistics, selection: Selection, *
                         config: LaunchConfig | None = None) -> jax.Array:
     """Kernel version of `pisa_jax.piecewise_attention` (arguments already checked)."""
     from pisa_jax.kernels.configs import attention_config
+    if not interpret and stats.block_size > 64 and jnp.dtype(q.dtype).itemsize > 2:
+        raise ValueError(
+            f"the Pallas attention kernel on GPU takes block_size 128 only for bfloat16/float16 "
+            f"inputs (float32 tiles of 128 x {q.shape[-1]} did not build in reasonable time); "
+            f"got {jnp.dtype(q.dtype).name} with block_size {stats.block_size}: use "
+            f"block_size=64, a half dtype, or implementation='reference'")
     config = config or attention_config(q.shape[-1], stats.block_size, q.dtype)
     run = inference_only(functools.partial(
         _attention, block_size=stats.block_size, scale=scale, order=order, layout=layout,
