@@ -7,8 +7,6 @@ Triton kernels in `pisa_jax.kernels`; `interpret=True` runs them on the CPU) and
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Sequence
 
 import jax
@@ -16,91 +14,18 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from pisa_jax import reference
-from pisa_jax._blocks import LAYOUTS, default_scale, from_bhtd, num_blocks, to_bhtd, token_axis
+from pisa_jax._blocks import from_bhtd, num_blocks, to_bhtd
+from pisa_jax._checks import (ORDERS, check_block_size, check_choice, check_density, check_forced,
+                              check_qkv, check_scale)
 from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.selection import select_from_statistics
 
 IMPLEMENTATIONS = ("auto", "pallas", "reference")
 DENSE_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
-ORDERS = (1, 0, -1)
-
-
-# ----------------------------------------------------------------------------- checks
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
-
-
-def _check_qkv(q, k, v, layout: str, *, self_attention: bool) -> tuple[int, int, int, int]:
-    """Returns (B, T, H, D) after checking ranks, dtypes and shapes."""
-    _check_choice("layout", layout, LAYOUTS)
-    dims = "[B, T, H, D]" if layout == "bthd" else "[B, H, T, D]"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name} must be an array; got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"{name} must have 4 dimensions {dims} for layout {layout!r}; "
-                             f"got shape {tuple(x.shape)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape {dims}; got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    ta = token_axis(layout)
-    ha = 3 - ta
-    if self_attention and q.shape[ta] != k.shape[ta]:
-        raise ValueError(f"q and k/v must have the same sequence length (self-attention); "
-                         f"got {q.shape[ta]} and {k.shape[ta]} (layout {layout!r})")
-    if (q.shape[0], q.shape[ha], q.shape[3]) != (k.shape[0], k.shape[ha], k.shape[3]):
-        raise ValueError(f"q and k/v must agree in batch, heads and head dim {dims}; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    return q.shape[0], q.shape[ta], q.shape[ha], q.shape[3]
-
-
-def _check_density(density) -> float:
-    if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise TypeError(f"density must be a real number in (0, 1]; got {density!r}")
-    if not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be in (0, 1]; got {density!r}")
-    return float(density)
-
-
-def _check_block_size(block_size) -> int:
-    if (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
-            or block_size < 16 or block_size & (block_size - 1)):
-        raise ValueError(f"block_size must be a power of two >= 16; got {block_size!r}")
-    return int(block_size)
-
-
-def _check_scale(scale, head_dim: int) -> float:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be None or a finite positive number; got {scale!r}")
-    return default_scale(head_dim, scale)
-
-
-def _check_forced(forced_blocks, nt: int) -> tuple[int, ...]:
-    if forced_blocks is None:
-        return ()
-    try:
-        items = tuple(forced_blocks)
-    except TypeError:
-        raise TypeError(f"forced_blocks must be None or a sequence of block indices; "
-                        f"got {forced_blocks!r}") from None
-    for j in items:
-        if isinstance(j, bool) or not isinstance(j, numbers.Integral):
-            raise TypeError(f"forced_blocks must hold integers; got {j!r} in {items!r}")
-        if not -nt <= j < nt:
-            raise ValueError(f"forced_blocks must lie in [0, {nt}) for {nt} blocks "
-                             f"(negative counts from the end); got {j} in {items!r}")
-    return tuple(sorted({int(j) % nt for j in items}))
 
 
 def _resolve(implementation: str, interpret) -> tuple[str, bool]:
-    _check_choice("implementation", implementation, IMPLEMENTATIONS)
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
     on_gpu = jax.default_backend() == "gpu"
     if implementation == "auto":
         implementation = "pallas" if on_gpu else "reference"
@@ -127,8 +52,8 @@ def block_statistics(
     Raises:
       ValueError / TypeError naming the argument for bad input.
     """
-    _check_qkv(q, k, v, layout, self_attention=True)
-    block_size = _check_block_size(block_size)
+    check_qkv(q, k, v, layout, self_attention=True)
+    block_size = check_block_size(block_size)
     impl, interpret = _resolve(implementation, interpret)
     if impl == "pallas":
         from pisa_jax.kernels import block_statistics as kernel
@@ -149,9 +74,9 @@ def select_blocks(
     """
     if not isinstance(stats, BlockStatistics):
         raise TypeError(f"stats must be a BlockStatistics; got {type(stats).__name__}")
-    density = _check_density(density)
-    scale = _check_scale(scale, stats.q_mean.shape[-1])
-    forced = _check_forced(forced_blocks, stats.num_blocks)
+    density = check_density(density)
+    scale = check_scale(scale, stats.q_mean.shape[-1])
+    forced = check_forced(forced_blocks, stats.num_blocks)
     if use_bias and stats.moment_norms is None:
         raise ValueError("use_bias=True needs statistics computed with with_norms=True; "
                          "got statistics without moment_norms")
@@ -166,9 +91,9 @@ def piecewise_attention(
     interpret: bool | None = None,
 ) -> Float[Array, "..."]:
     """PISA output from precomputed statistics and selection; q's shape, dtype and layout."""
-    b, t, h, d = _check_qkv(q, k, v, layout, self_attention=True)
-    _check_choice("order", order, ORDERS)
-    scale = _check_scale(scale, d)
+    b, t, h, d = check_qkv(q, k, v, layout, self_attention=True)
+    check_choice("order", order, ORDERS)
+    scale = check_scale(scale, d)
     if not isinstance(stats, BlockStatistics) or not isinstance(selection, Selection):
         raise TypeError("stats must be a BlockStatistics and selection a Selection; got "
                         f"{type(stats).__name__} and {type(selection).__name__}")
@@ -217,12 +142,12 @@ def piecewise_sparse_attention(
     Raises:
       ValueError / TypeError naming the argument, what was expected and what was given.
     """
-    b, t, h, d = _check_qkv(q, k, v, layout, self_attention=True)
-    density = _check_density(density)
-    block_size = _check_block_size(block_size)
-    _check_choice("order", order, ORDERS)
-    scale = _check_scale(scale, d)
-    forced = _check_forced(forced_blocks, num_blocks(t, block_size))
+    b, t, h, d = check_qkv(q, k, v, layout, self_attention=True)
+    density = check_density(density)
+    block_size = check_block_size(block_size)
+    check_choice("order", order, ORDERS)
+    scale = check_scale(scale, d)
+    forced = check_forced(forced_blocks, num_blocks(t, block_size))
     impl, interpret = _resolve(implementation, interpret)
     common = dict(layout=layout, implementation=impl, interpret=interpret)
     stats = block_statistics(q, k, v, block_size=block_size, with_norms=bool(use_bias), **common)
@@ -240,9 +165,9 @@ def dense_attention(
     implementation: "auto" (cuDNN on a GPU for bfloat16/float16, XLA otherwise),
     "cudnn", "xla" or "reference" (float32 arithmetic, float64 for float64).
     """
-    _, _, _, d = _check_qkv(q, k, v, layout, self_attention=False)
-    _check_choice("implementation", implementation, DENSE_IMPLEMENTATIONS)
-    scale = _check_scale(scale, d)
+    _, _, _, d = check_qkv(q, k, v, layout, self_attention=False)
+    check_choice("implementation", implementation, DENSE_IMPLEMENTATIONS)
+    scale = check_scale(scale, d)
     if implementation == "reference":
         out = reference.dense_attention(*(to_bhtd(x, layout) for x in (q, k, v)), scale=scale)
         return from_bhtd(out, layout)

@@ -98,6 +98,9 @@ def run(side: int = 48, heads: int = 4, head_dim: int = 64, densities=(0.1, 0.15
     print_fn(f"\n{'method':<14} {'density':>7} {'rel. error vs dense':>20} {'ms/call':>9}")
     for r in rows:
         print_fn(f"{r['method']:<14} {r['density']:>7.2f} {r['error']:>20.4f} {r['ms']:>9.2f}")
+    if not on_gpu:
+        print_fn("\n(no GPU: the reference forms every logit, so these times show no speedup; "
+                 "the Pallas kernels on an H200 do, see benchmarks/RESULTS.md)")
     return rows
 
 

@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from pisa_jax._blocks import num_blocks
-from pisa_jax.api import ORDERS, _check_block_size, _check_choice, _check_density
+from pisa_jax._checks import ORDERS, check_block_size, check_choice, check_density
 from pisa_jax.api import dense_attention, piecewise_sparse_attention
 
 KINDS = ("pisa", "dense")
@@ -38,11 +38,11 @@ class AttentionPolicy:
     implementation: str = "auto"
 
     def __post_init__(self):
-        _check_choice("kind", self.kind, KINDS)
+        check_choice("kind", self.kind, KINDS)
         if self.kind == "pisa":
-            _check_density(self.density)
-            _check_choice("order", self.order, ORDERS)
-            _check_block_size(self.block_size)
+            check_density(self.density)
+            check_choice("order", self.order, ORDERS)
+            check_block_size(self.block_size)
 
 
 DENSE = AttentionPolicy(kind="dense")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -160,3 +159,31 @@ def test_converter_cli_writes_a_loadable_folder(tmp_path):
     assert convert_main([str(pipe), str(out), "--dtype", "fp32"]) == 0
     assert (out / "config.json").exists()
     assert any(p.name.startswith("model-") for p in out.iterdir())
+
+
+def test_schedule_runs_from_one_to_zero_and_shift_bends_it_towards_one():
+    from models.flux.sampling import schedule
+    plain = schedule(4, 4096, shift=False)
+    np.testing.assert_allclose(plain, [1, 0.75, 0.5, 0.25, 0])
+    shifted = schedule(4, 4096)
+    assert shifted[0] == 1 and shifted[-1] == 0
+    assert (np.diff(shifted) < 0).all() and (shifted[1:-1] > plain[1:-1]).all()
+    with pytest.raises(ValueError, match="num_steps must be >= 1; got 0"):
+        schedule(0, 16)
+
+
+def test_denoise_dense_steps_switch_attention_per_step():
+    from models.flux.sampling import denoise, schedule
+    io = _inputs(seed=5)
+    times = schedule(3, 60)
+    args = (io["img"], io["img_ids"], io["txt"], io["txt_ids"], io["y"], times)
+    pisa = _model(layer_policies(4, dense_layers=0, density=0.3, block_size=16))
+    dense = _model((pnn.DENSE,) * 4)
+    steps = []
+    all_dense = denoise(pisa, *args, guidance=3.5, dense_steps=3,
+                        progress=lambda i, n: steps.append((i, n)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    np.testing.assert_allclose(all_dense, denoise(dense, *args, guidance=3.5), rtol=1e-5,
+                               atol=1e-5)
+    some_sparse = denoise(pisa, *args, guidance=3.5, dense_steps=1)
+    assert relative_error(some_sparse, all_dense) > 1e-5

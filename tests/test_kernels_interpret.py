@@ -7,7 +7,6 @@ the comparison.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

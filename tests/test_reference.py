@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pisa_jax as pj
-from tests.helpers import numpy_pisa, random_qkv, relative_error, structured_qkv, to_bhtd
+from tests.helpers import numpy_pisa, random_qkv, relative_error, structured_qkv
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,10 @@
 
 from models.flux.config import FLUX_DEV, FLUX_SCHNELL, FluxConfig
 from models.flux.model import Flux, default_policies
+from models.flux.sampling import denoise, schedule
 
-__all__ = ["FLUX_DEV", "FLUX_SCHNELL", "Flux", "FluxConfig", "default_policies", "load_flux"]
+__all__ = ["FLUX_DEV", "FLUX_SCHNELL", "Flux", "FluxConfig", "default_policies", "denoise", "load_flux",
+           "schedule"]
 
 
 def load_flux(path, *, dtype=None, attention: str = "pisa", policies=None, **policy_options):

@@ -29,7 +29,6 @@ from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
