@@ -187,3 +187,11 @@ def test_denoise_dense_steps_switch_attention_per_step():
                                atol=1e-5)
     some_sparse = denoise(pisa, *args, guidance=3.5, dense_steps=1)
     assert relative_error(some_sparse, all_dense) > 1e-5
+
+
+def test_pisa_jax_convert_command_runs_the_converter(tmp_path):
+    from pisa_jax import cli
+    src = os.path.join(FIXTURES, "flux_schnell_bfl.safetensors")
+    out = tmp_path / "schnell"
+    assert cli.main(["convert", src, str(out), "--axes-dim", "4,6,6"]) == 0
+    assert (out / "config.json").exists()

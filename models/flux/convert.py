@@ -316,6 +316,11 @@ def convert(src: str, out: str, *, dtype=jnp.bfloat16, axes_dim=None, progress=p
     """Converts SRC into the folder OUT (must not exist); returns OUT."""
     if os.path.exists(out):
         raise CheckpointError(f"output {out} already exists; remove it or choose another path")
+    with jax.default_device(jax.devices("cpu")[0]):     # conversion needs no accelerator
+        return _convert(src, out, dtype=dtype, axes_dim=axes_dim, progress=progress)
+
+
+def _convert(src: str, out: str, *, dtype, axes_dim, progress) -> str:
     from safetensors.flax import save_file
     cfg, tensors = iter_converted(src, dtype=dtype, axes_dim=axes_dim)
     parent = os.path.dirname(os.path.abspath(out))
@@ -350,7 +355,7 @@ def convert(src: str, out: str, *, dtype=jnp.bfloat16, axes_dim=None, progress=p
     return out
 
 
-def load_flux(path: str, *, dtype=None, attention: str = "pisa", policies=None,
+def load_flux(path: str, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None,
               axes_dim=None, **policy_options) -> Flux:
     """A `Flux` model from a converted checkpoint or an official one (converted in memory).
 
@@ -361,7 +366,6 @@ def load_flux(path: str, *, dtype=None, attention: str = "pisa", policies=None,
       policies: explicit per-layer `AttentionPolicy` tuple (overrides `attention`).
       policy_options: passed to `pisa_jax.layer_policies` (density, dense_layers, ...).
     """
-    dtype = jnp.bfloat16 if dtype is None else dtype
     cfg, tensors = iter_converted(path, dtype=dtype, axes_dim=axes_dim)
     policies = policies or default_policies(cfg, attention, **policy_options)
     return model_from_tensors(cfg, tensors, dtype=dtype, policies=policies)
