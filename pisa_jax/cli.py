@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--head-dim", type=int, default=64, choices=(64, 128))
     demo.add_argument("--densities", default="0.1,0.15,0.25,0.5")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--plot", metavar="PNG", help="also save error vs density as a PNG")
     conv = sub.add_parser("convert", help="convert FLUX.1 weights (same as "
                                           "`python -m models.flux.convert`)")
     conv.add_argument("args", nargs=argparse.REMAINDER)
@@ -27,9 +28,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--densities: expected comma-separated numbers, got {args.densities!r}")
         if args.side < 8:
             parser.error(f"--side: expected at least 8, got {args.side}")
+        if not all(0 < d <= 1 for d in densities):
+            parser.error(f"--densities: expected numbers in (0, 1], got {args.densities!r}")
         from pisa_jax import demo as demo_mod
-        demo_mod.run(side=args.side, heads=args.heads, head_dim=args.head_dim,
-                     densities=densities, seed=args.seed)
+        rows = demo_mod.run(side=args.side, heads=args.heads, head_dim=args.head_dim,
+                            densities=densities, seed=args.seed)
+        if args.plot:
+            demo_mod.plot(rows, args.plot)
+            print(f"\nwrote {args.plot}")
         return 0
     from models.flux import convert
     return convert.main(args.args)

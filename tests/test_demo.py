@@ -22,7 +22,17 @@ def test_pisa_beats_keep_or_drop_on_the_structured_problem():
     assert err["PISA order 0"] < 0.5 * err["keep-or-drop"]
 
 
-def test_demo_command_prints_a_table(capsys):
-    assert cli.main(["demo", "--side", "16", "--heads", "1", "--densities", "0.5"]) == 0
+def test_demo_command_prints_a_table_and_plots(capsys, tmp_path):
+    png = tmp_path / "errors.png"
+    assert cli.main(["demo", "--side", "16", "--heads", "1", "--densities", "0.25,0.5",
+                     "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "keep-or-drop" in out and "rel. error vs dense" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_command_refuses_bad_densities(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--densities", "0.1,2"])
+    assert "expected numbers in (0, 1], got '0.1,2'" in capsys.readouterr().err

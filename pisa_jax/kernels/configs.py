@@ -1,7 +1,9 @@
-"""Launch parameters per shape, measured on an H200 (see benchmarks/RESULTS.md).
+"""Launch parameters per shape.
 
-Keys are (head dim after padding, block size, bytes per element). Shapes not in the
-table get a conservative default.
+Keys are (head dim after padding, block size, bytes per element). The entry for D = 128,
+block 64, half types was chosen by the sweep in benchmarks/RESULTS.md on an H200 (4 warps
+beat 8 by 1.5-2x; 2 and 3 stages tie; 4 stages lose 30%). The other entries and the
+defaults follow from it (8 warps for 128-row tiles) and have not been swept.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import jax.numpy as jnp
 from pisa_jax.kernels._common import LaunchConfig, supported_head_dim
 
 _ATTENTION = {
-    (128, 64, 2): LaunchConfig(num_warps=4, num_stages=2),
+    (128, 64, 2): LaunchConfig(num_warps=4, num_stages=2),      # swept
     (128, 128, 2): LaunchConfig(num_warps=8, num_stages=2),
     (64, 64, 2): LaunchConfig(num_warps=4, num_stages=2),
     (64, 128, 2): LaunchConfig(num_warps=4, num_stages=2),
 }
-_STATISTICS = {
+_STATISTICS = {   # timed at these settings (1-2% of the whole op), not swept
     (128, 64): LaunchConfig(num_warps=8, num_stages=2),
     (128, 128): LaunchConfig(num_warps=8, num_stages=2),
 }
