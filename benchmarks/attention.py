@@ -159,7 +159,12 @@ def main(argv=None):
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         p.error(f"--shapes: unknown {unknown}; expected names from {list(SHAPES)}")
-    densities = [float(x) for x in args.densities.split(",")]
+    try:
+        densities = [float(x) for x in args.densities.split(",")]
+    except ValueError:
+        p.error(f"--densities: expected comma-separated numbers, got {args.densities!r}")
+    if not all(0 < d <= 1 for d in densities):
+        p.error(f"--densities: expected numbers in (0, 1], got {densities}")
     os.makedirs(args.out, exist_ok=True)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
 

@@ -31,6 +31,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from models.flux import FLUX_DEV, default_policies  # noqa: E402
 from models.flux.convert import iter_diffusers_state, model_from_tensors  # noqa: E402
+from pisa_jax.metrics import relative_error as rel  # noqa: E402
 
 N_TXT = 512
 
@@ -81,10 +82,6 @@ def diffusers_inputs(io):
                 guidance=t(io["guidance"]))
 
 
-def rel(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def diffusers_forward(model, io):
     import torch
     args = diffusers_inputs(io)
@@ -104,7 +101,12 @@ def main(argv=None):
                    help="also run diffusers in float32 (same weights) at the first size, to "
                         "measure how far each bf16 forward is from it")
     args = p.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        p.error(f"--sizes: expected comma-separated integers, got {args.sizes!r}")
+    if any(s <= 0 or s % 16 for s in sizes):
+        p.error(f"--sizes: expected positive multiples of 16 (pixels), got {sizes}")
     os.makedirs(args.out, exist_ok=True)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "sizes": {}}
 

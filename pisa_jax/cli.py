@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--densities: expected comma-separated numbers, got {args.densities!r}")
         if args.side < 8:
             parser.error(f"--side: expected at least 8, got {args.side}")
+        if args.heads < 1:
+            parser.error(f"--heads: expected at least 1, got {args.heads}")
         if not all(0 < d <= 1 for d in densities):
             parser.error(f"--densities: expected numbers in (0, 1], got {args.densities!r}")
         from pisa_jax import demo as demo_mod

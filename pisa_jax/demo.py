@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pisa_jax as pj
+from pisa_jax.metrics import relative_error
 from pisa_jax.tokens import tile_major_permutation
 
 
@@ -87,14 +88,14 @@ def run(side: int = 48, heads: int = 4, head_dim: int = 64, densities=(0.1, 0.15
     exact = pj.dense_attention(q, k, v, implementation="reference").astype(jnp.float32)
     dense = jax.jit(lambda q, k, v: pj.dense_attention(q, k, v))
     rows = [dict(method="dense", density=1.0,
-                 error=_rel(dense(q, k, v), exact), ms=1e3 * _time(dense, q, k, v))]
+                 error=relative_error(dense(q, k, v), exact), ms=1e3 * _time(dense, q, k, v))]
     names = {1: "PISA order 1", 0: "PISA order 0", -1: "keep-or-drop"}
     for density in densities:
         for order in (1, 0, -1):
             fn = jax.jit(lambda q, k, v, d=density, o=order: pj.piecewise_sparse_attention(
                 q, k, v, density=d, order=o, use_bias=True, implementation=impl))
             rows.append(dict(method=names[order], density=density,
-                             error=_rel(fn(q, k, v), exact), ms=1e3 * _time(fn, q, k, v)))
+                             error=relative_error(fn(q, k, v), exact), ms=1e3 * _time(fn, q, k, v)))
     print_fn(f"\n{'method':<14} {'density':>7} {'rel. error vs dense':>20} {'ms/call':>9}")
     for r in rows:
         print_fn(f"{r['method']:<14} {r['density']:>7.2f} {r['error']:>20.4f} {r['ms']:>9.2f}")
@@ -125,9 +126,3 @@ def plot(rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _rel(out, ref) -> float:
-    out = np.asarray(out, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
