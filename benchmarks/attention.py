@@ -13,6 +13,7 @@ stdout, `attention.json` and `attention.png` to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -79,13 +80,11 @@ def pallas_flash(q, k, v):
     return best
 
 
-def pisa_fn(density, use_bias, config=None, sort_indices=False):
+def pisa_fn(density, use_bias, config=None):
     def run(q, k, v):
         stats = stats_kernel.block_statistics(q, k, v, block_size=64, with_norms=use_bias,
                                               layout="bthd", interpret=False)
         sel = pj.select_blocks(stats, density=density, use_bias=use_bias)
-        if sort_indices:
-            sel = pj.Selection(indices=jnp.sort(sel.indices, axis=-1), num_blocks=sel.num_blocks)
         return attn_kernel.piecewise_attention(q, k, v, stats, sel, scale=D ** -0.5, order=1,
                                                layout="bthd", interpret=False, config=config)
     return jax.jit(run)
@@ -112,17 +111,54 @@ def extra_memory(q, k, v, density, use_bias):
             "fraction_of_qkv": mem.temp_size_in_bytes / qkv}
 
 
-def sweep(q, k, v):
-    rows = []
-    for warps, stages, sort in ((4, 2, False), (4, 3, False), (4, 2, True), (4, 3, True)):
-        cfg = LaunchConfig(num_warps=warps, num_stages=stages)
+# Launch configurations tried by --sweep (warps, stages, key blocks per step, zeroth chunk).
+SWEEP = [(4, 2, 1, 64), (4, 2, 2, 64), (4, 3, 2, 64), (4, 2, 2, 128), (8, 2, 2, 128),
+         (4, 2, 4, 128), (4, 3, 4, 128), (8, 2, 4, 128), (8, 3, 4, 128)]
+
+
+def sweep(q, k, v, configs=SWEEP):
+    """Whole op and the attention kernel alone at density 0.15 with bias, per config."""
+    stats = stats_kernel.block_statistics(q, k, v, block_size=64, with_norms=True,
+                                          layout="bthd", interpret=False)
+    sel = pj.select_blocks(stats, density=0.15, use_bias=True)
+    rows, first = [], None
+    for warps, stages, key_blocks, chunk in configs:
+        cfg = LaunchConfig(num_warps=warps, num_stages=stages, key_blocks=key_blocks,
+                           zeroth_chunk=chunk)
+        kernel_only = jax.jit(lambda q, k, v, st, se, cfg=cfg: attn_kernel.piecewise_attention(
+            q, k, v, st, se, scale=D ** -0.5, order=1, layout="bthd", interpret=False,
+            config=cfg))
         try:
-            ms = timeit(pisa_fn(0.15, True, cfg, sort), q, k, v) * 1e3
+            out = kernel_only(q, k, v, stats, sel)
+            kernel_ms = timeit(kernel_only, q, k, v, stats, sel) * 1e3
+            ms = timeit(pisa_fn(0.15, True, cfg), q, k, v) * 1e3
         except Exception as e:
-            print(f"  config w{warps} s{stages} failed: {type(e).__name__}: {str(e)[:200]}")
+            print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        rows.append({"num_warps": warps, "num_stages": stages, "sorted": sort, "ms": ms})
-        print(f"  sweep w{warps} s{stages} sorted={sort}: {ms:.3f} ms", flush=True)
+        # Every config computes the same thing: its output against the first config's.
+        first = out if first is None else first
+        a, b = out.astype(jnp.float32), first.astype(jnp.float32)
+        diff = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        rows.append({**dataclasses.asdict(cfg), "ms": ms, "attention_kernel_ms": kernel_ms,
+                     "relative_difference_to_first": diff})
+        print(f"  sweep {cfg}: whole op {ms:.3f} ms, attention kernel {kernel_ms:.3f} ms, "
+              f"difference to the first config {diff:.2e}", flush=True)
+    return rows
+
+
+def sweep_statistics(q, k, v, configs=((4, 1), (4, 2), (8, 1), (8, 2), (8, 3))):
+    rows = []
+    for warps, stages in configs:
+        cfg = LaunchConfig(num_warps=warps, num_stages=stages)
+        fn = jax.jit(lambda q, k, v, cfg=cfg: stats_kernel.block_statistics(
+            q, k, v, block_size=64, with_norms=True, layout="bthd", interpret=False, config=cfg))
+        try:
+            ms = timeit(fn, q, k, v) * 1e3
+        except Exception as e:
+            print(f"  statistics {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        rows.append({**dataclasses.asdict(cfg), "ms": ms})
+        print(f"  statistics w{warps} s{stages}: {ms:.3f} ms", flush=True)
     return rows
 
 
@@ -153,6 +189,8 @@ def main(argv=None):
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--densities", default="0.10,0.15,0.25")
     p.add_argument("--sweep", action="store_true", help="also time launch configs")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="time launch configs only (no density grid, stages or memory)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = p.parse_args(argv)
     shapes = args.shapes.split(",")
@@ -175,6 +213,12 @@ def main(argv=None):
         cudnn = jax.jit(lambda q, k, v: pj.dense_attention(q, k, v, implementation="cudnn"))
         r = {"T": t, "H": h, "cudnn_ms": timeit(cudnn, q, k, v) * 1e3}
         r["cudnn_tflops"] = dense_flops(t, h) / r["cudnn_ms"] / 1e9
+        if args.sweep_only:
+            print(f"{name}: cuDNN {r['cudnn_ms']:.3f} ms", flush=True)
+            r["sweep_d0.15_bias"] = sweep(q, k, v)
+            r["sweep_statistics"] = sweep_statistics(q, k, v)
+            results[name] = r
+            continue
         r["pallas_flash_ms"] = pallas_flash(q, k, v)
         r["pisa"] = {}
         for dn in densities:
@@ -185,6 +229,7 @@ def main(argv=None):
         r["memory_d0.15_bias"] = extra_memory(q, k, v, 0.15, True)
         if args.sweep:
             r["sweep_d0.15_bias"] = sweep(q, k, v)
+            r["sweep_statistics"] = sweep_statistics(q, k, v)
         results[name] = r
         print(json.dumps({name: r}), flush=True)
         del q, k, v
@@ -192,6 +237,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "attention.json"), "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                    "results": results}, f, indent=1)
+    if args.sweep_only:
+        return
     plot(results, os.path.join(args.out, "attention.png"))
 
     print(f"\n{'shape':10} {'cuDNN ms':>9} {'flash ms':>9} " + " ".join(

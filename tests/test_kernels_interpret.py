@@ -81,6 +81,35 @@ def test_half_precision_kernels_within_1e_2_of_float32_reference(dtype):
         assert relative_error(got, want) <= 1e-2
 
 
+@pytest.mark.parametrize("key_blocks,zeroth_chunk,layout", [
+    (2, 32, "bthd"),     # 7 selected blocks: three pairs and a masked tail
+    (4, 128, "bhtd"),    # one group of four and a tail of three
+    (8, 16, "bthd"),     # fewer selected blocks than one group: only the tail step
+])
+def test_grouped_key_blocks_match_reference(key_blocks, zeroth_chunk, layout):
+    from pisa_jax.kernels import piecewise_attention as kernel
+    from pisa_jax.kernels._common import LaunchConfig
+    t, bs = 300, 16      # 19 blocks, the last one partial (12 tokens)
+    q, k, v = _qkv(key_blocks, 2, t, 2, 32, layout)
+    stats = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **REF)
+    sel = pj.select_blocks(stats, density=0.4, use_bias=True, forced_blocks=[-1])
+    assert sel.indices.shape[-1] == 7
+    config = LaunchConfig(key_blocks=key_blocks, zeroth_chunk=zeroth_chunk)
+    for order in (1, -1):
+        got = kernel.piecewise_attention(q, k, v, stats, sel, scale=32 ** -0.5, order=order,
+                                         layout=layout, interpret=True, config=config)
+        want = pj.piecewise_attention(q, k, v, stats, sel, order=order, layout=layout, **REF)
+        assert relative_error(got, want) < 1e-5, order
+
+
+def test_launch_config_refuses_bad_values():
+    from pisa_jax.kernels._common import LaunchConfig
+    with pytest.raises(ValueError, match="key_blocks: expected a power of two, got 3"):
+        LaunchConfig(key_blocks=3)
+    with pytest.raises(ValueError, match="num_warps: expected a positive int, got 0"):
+        LaunchConfig(num_warps=0)
+
+
 def test_forced_blocks_and_density_one_in_kernels():
     q, k, v = _qkv(9, 1, 160, 2, 32)
     opts = dict(density=0.2, block_size=16, forced_blocks=[0, -1])

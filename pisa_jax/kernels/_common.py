@@ -16,10 +16,28 @@ LOG2E = 1.4426950408889634
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-    """Triton launch parameters of one kernel."""
+    """Triton launch parameters of one kernel.
+
+    `key_blocks` and `zeroth_chunk` are read by the attention kernel only: the exact
+    path gathers `key_blocks` selected key blocks into one key tile per step (wider
+    matrix products, fewer softmax rescales), and the zeroth-order pass visits block
+    summaries `zeroth_chunk` at a time. Both must be powers of two.
+    """
 
     num_warps: int = 4
     num_stages: int = 2
+    key_blocks: int = 1
+    zeroth_chunk: int = 64
+
+    def __post_init__(self):
+        for name in ("num_warps", "num_stages", "key_blocks", "zeroth_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LaunchConfig.{name}: expected a positive int, got {value!r}")
+        for name in ("key_blocks", "zeroth_chunk"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"LaunchConfig.{name}: expected a power of two, got {value}")
 
 
 def supported_head_dim(d: int) -> int:

@@ -23,19 +23,14 @@ from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.kernels._common import (LOG2E, LaunchConfig, dot_precision, inference_only, prepare,
                                       token_block_spec)
 
-# Unselected blocks are visited this many at a time in the zeroth-order pass.
-ZEROTH_CHUNK = 64
-
-
 def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom_ref, o_ref, *,
-            block_size: int, num_selected: int, num_chunks: int, num_tokens: int, scale: float,
-            order: int, precision: dict):
+            block_size: int, num_selected: int, key_blocks: int, zeroth_chunk: int,
+            num_chunks: int, num_tokens: int, scale: float, order: int, precision: dict):
     q = q_ref[...]
     d = q.shape[-1]
     # Logits live in the exp2 domain: exp(s x.k) = 2^(s log2(e) x.k).
     qk_scale = scale * LOG2E
     partial_last = num_tokens % block_size != 0
-    cols = lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
 
     def update(s, values, carry, weights=None):
         acc, m, l, g = carry
@@ -47,23 +42,50 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
         g = g * alpha + (mass if weights is not None else 0.0)
         return acc, m_new, l * alpha + mass, g
 
-    def exact(t, carry):
+    def exact_one(t, carry):   # one selected block: a contiguous slice of k and v
         start = pl.multiple_of(idx_ref[t] * block_size, block_size)
         sl = pl.ds(start, block_size)
         s = plgpu.dot(q, k_ref[sl, :], trans_b=True, **precision) * qk_scale
         if partial_last:   # padding keys of the last block must not enter the softmax
-            s = jnp.where(start + cols < num_tokens, s, -jnp.inf)
+            cols = start + lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+            s = jnp.where(cols < num_tokens, s, -jnp.inf)
         return update(s, v_ref[sl, :], carry)
+
+    # `key_blocks` selected blocks gathered into one key tile per step. The step that
+    # holds the list's last `tail` entries repeats the last index and masks the copies.
+    offsets = lax.broadcasted_iota(jnp.int32, (key_blocks * block_size,), 0)
+    slot, within = offsets // block_size, offsets % block_size
+
+    def exact_group(first, carry, valid_blocks=key_blocks):
+        pos = first + slot
+        if valid_blocks < key_blocks:
+            pos = jnp.minimum(pos, num_selected - 1)
+        rows = idx_ref[pos] * block_size + within
+        s = plgpu.dot(q, k_ref[rows, :], trans_b=True, **precision) * qk_scale
+        keep = None
+        if partial_last:
+            keep = rows < num_tokens
+        if valid_blocks < key_blocks:
+            keep = slot < valid_blocks if keep is None else keep & (slot < valid_blocks)
+        if keep is not None:
+            s = jnp.where(keep[None, :], s, -jnp.inf)
+        return update(s, v_ref[rows, :], carry)
 
     carry = (jnp.zeros((block_size, d), jnp.float32),
              jnp.full((block_size,), -jnp.inf, jnp.float32),
              jnp.zeros((block_size,), jnp.float32),
              jnp.zeros((block_size,), jnp.float32))
-    carry = lax.fori_loop(0, num_selected, exact, carry)
+    if key_blocks == 1:
+        carry = lax.fori_loop(0, num_selected, exact_one, carry)
+    else:
+        steps, tail = divmod(num_selected, key_blocks)
+        carry = lax.fori_loop(0, steps, lambda i, c: exact_group(i * key_blocks, c), carry)
+        if tail:
+            carry = exact_group(steps * key_blocks, carry, valid_blocks=tail)
 
     if order >= 0:
         def zeroth(c, carry):
-            sl = pl.ds(pl.multiple_of(c * ZEROTH_CHUNK, ZEROTH_CHUNK), ZEROTH_CHUNK)
+            sl = pl.ds(pl.multiple_of(c * zeroth_chunk, zeroth_chunk), zeroth_chunk)
             s = plgpu.dot(q, kc_ref[sl, :], trans_b=True, **precision) * qk_scale
             # Selected and padding blocks are skipped (the latter have length 0 too).
             s = jnp.where(skip_ref[sl][None, :] != 0, -jnp.inf, s)
@@ -99,12 +121,13 @@ def _split_moment(moment: jax.Array, dtype) -> jax.Array:
 
 def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scale: float,
                order: int, layout: str, interpret: bool, config: LaunchConfig):
+    chunk = config.zeroth_chunk
     ta = token_axis(layout)
     b, t, h, d = q.shape[0], q.shape[ta], q.shape[3 - ta], q.shape[-1]
     q, k, v = (prepare(x, block_size, layout) for x in (q, k, v))
     t_pad, d_pad = q.shape[ta], q.shape[-1]
     nt = num_blocks(t, block_size)
-    nt_pad = -(-nt // ZEROTH_CHUNK) * ZEROTH_CHUNK
+    nt_pad = -(-nt // chunk) * chunk
     num_selected = indices.shape[-1]
 
     def pad_blocks(x):   # [B, H, NT, D] -> [B, H, NT_pad, D_pad] in the dot dtype
@@ -130,7 +153,8 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     ]
     kernel = functools.partial(
         _kernel, block_size=block_size, num_selected=num_selected,
-        num_chunks=nt_pad // ZEROTH_CHUNK, num_tokens=t, scale=scale, order=order,
+        key_blocks=min(config.key_blocks, pl.next_power_of_2(num_selected)),
+        zeroth_chunk=chunk, num_chunks=nt_pad // chunk, num_tokens=t, scale=scale, order=order,
         precision=dot_precision(q.dtype))
     out = pl.pallas_call(
         kernel,
