@@ -111,9 +111,9 @@ def extra_memory(q, k, v, density, use_bias):
             "fraction_of_qkv": mem.temp_size_in_bytes / qkv}
 
 
-# Launch configurations tried by --sweep (warps, stages, key blocks per step, zeroth chunk).
-SWEEP = [(4, 2, 1, 64), (4, 2, 2, 64), (4, 3, 2, 64), (4, 2, 2, 128), (8, 2, 2, 128),
-         (4, 2, 4, 128), (4, 3, 4, 128), (8, 2, 4, 128), (8, 3, 4, 128)]
+# Launch configurations tried by --sweep: (warps, stages, key blocks per step, zeroth chunk,
+# indices in registers).
+SWEEP = [(4, 3, 1, 64, True), (4, 2, 1, 64, False), (4, 3, 1, 32, True), (4, 3, 1, 16, True)]
 
 
 def sweep(q, k, v, configs=SWEEP):
@@ -122,9 +122,9 @@ def sweep(q, k, v, configs=SWEEP):
                                           layout="bthd", interpret=False)
     sel = pj.select_blocks(stats, density=0.15, use_bias=True)
     rows, first = [], None
-    for warps, stages, key_blocks, chunk in configs:
+    for warps, stages, key_blocks, chunk, in_registers in configs:
         cfg = LaunchConfig(num_warps=warps, num_stages=stages, key_blocks=key_blocks,
-                           zeroth_chunk=chunk)
+                           zeroth_chunk=chunk, indices_in_registers=in_registers)
         kernel_only = jax.jit(lambda q, k, v, st, se, cfg=cfg: attn_kernel.piecewise_attention(
             q, k, v, st, se, scale=D ** -0.5, order=1, layout="bthd", interpret=False,
             config=cfg))

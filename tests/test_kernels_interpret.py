@@ -81,12 +81,13 @@ def test_half_precision_kernels_within_1e_2_of_float32_reference(dtype):
         assert relative_error(got, want) <= 1e-2
 
 
-@pytest.mark.parametrize("key_blocks,zeroth_chunk,layout", [
-    (2, 32, "bthd"),     # 7 selected blocks: three pairs and a masked tail
-    (4, 128, "bhtd"),    # one group of four and a tail of three
-    (8, 16, "bthd"),     # fewer selected blocks than one group: only the tail step
+@pytest.mark.parametrize("key_blocks,zeroth_chunk,in_registers,layout", [
+    (1, 32, True, "bhtd"),    # one block per step, index row read as one vector
+    (2, 32, True, "bthd"),    # 7 selected blocks: three pairs and a masked tail
+    (4, 128, False, "bhtd"),  # one group of four and a tail of three
+    (8, 16, False, "bthd"),   # fewer selected blocks than one group: only the tail step
 ])
-def test_grouped_key_blocks_match_reference(key_blocks, zeroth_chunk, layout):
+def test_launch_variants_match_reference(key_blocks, zeroth_chunk, in_registers, layout):
     from pisa_jax.kernels import piecewise_attention as kernel
     from pisa_jax.kernels._common import LaunchConfig
     t, bs = 300, 16      # 19 blocks, the last one partial (12 tokens)
@@ -94,12 +95,30 @@ def test_grouped_key_blocks_match_reference(key_blocks, zeroth_chunk, layout):
     stats = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **REF)
     sel = pj.select_blocks(stats, density=0.4, use_bias=True, forced_blocks=[-1])
     assert sel.indices.shape[-1] == 7
-    config = LaunchConfig(key_blocks=key_blocks, zeroth_chunk=zeroth_chunk)
+    config = LaunchConfig(key_blocks=key_blocks, zeroth_chunk=zeroth_chunk,
+                          indices_in_registers=in_registers)
     for order in (1, -1):
         got = kernel.piecewise_attention(q, k, v, stats, sel, scale=32 ** -0.5, order=order,
                                          layout=layout, interpret=True, config=config)
         want = pj.piecewise_attention(q, k, v, stats, sel, order=order, layout=layout, **REF)
         assert relative_error(got, want) < 1e-5, order
+
+
+def test_skip_bits_mark_selected_and_padding_blocks():
+    from pisa_jax.kernels.piecewise_attention import _skip_bits
+    rng = np.random.default_rng(3)
+    nt, nt_pad, top = 70, 96, 9
+    rows = [rng.choice(nt, top, replace=False) for _ in range(2 * 3 * nt)]
+    rows[0][:3] = [31, 63, 0]          # the sign bit of a word and both ends
+    indices = np.stack(rows).reshape(2, 3, nt, top).astype(np.int32)
+    words = np.asarray(_skip_bits(jnp.asarray(indices), nt, nt_pad)).view(np.uint32)
+    assert words.shape == (2, 3, nt, nt_pad // 32)
+    bits = (words[..., :, None] >> np.arange(32, dtype=np.uint32)) & 1
+    got = bits.reshape(2, 3, nt, nt_pad).astype(bool)
+    want = np.zeros((2, 3, nt, nt_pad), bool)
+    want[..., nt:] = True
+    np.put_along_axis(want, indices, True, axis=-1)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_launch_config_refuses_bad_values():

@@ -21,13 +21,16 @@ class LaunchConfig:
     `key_blocks` and `zeroth_chunk` are read by the attention kernel only: the exact
     path gathers `key_blocks` selected key blocks into one key tile per step (wider
     matrix products, fewer softmax rescales), and the zeroth-order pass visits block
-    summaries `zeroth_chunk` at a time. Both must be powers of two.
+    summaries `zeroth_chunk` at a time (both powers of two). With
+    `indices_in_registers` the exact path reads its index list once as a vector
+    instead of one scalar load per step.
     """
 
     num_warps: int = 4
     num_stages: int = 2
     key_blocks: int = 1
     zeroth_chunk: int = 64
+    indices_in_registers: bool = False
 
     def __post_init__(self):
         for name in ("num_warps", "num_stages", "key_blocks", "zeroth_chunk"):

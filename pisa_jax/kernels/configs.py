@@ -1,9 +1,13 @@
 """Launch parameters per shape.
 
-Keys are (head dim after padding, block size, bytes per element). The entry for D = 128,
-block 64, half types was chosen by the sweep in benchmarks/RESULTS.md on an H200 (4 warps
-beat 8 by 1.5-2x; 2 and 3 stages tie; 4 stages lose 30%). The other entries and the
-defaults follow from it (8 warps for 128-row tiles) and have not been swept.
+Keys are (head dim after padding, block size, bytes per element). The entries for D = 128,
+block 64, half types were chosen by the sweeps in benchmarks/RESULTS.md on an H200:
+attention 4 warps (8 lose 1.5-2x), 3 stages with the index row read once as a vector
+(6% faster than 2 stages with scalar index loads at flux-2048 and wan-720p, equal at
+seq-32k), one key block per step (two gathered blocks per step lose 25-30%), zeroth-order
+chunks of 64 blocks (128 lose 40%); statistics 8 warps, 3 stages (15-20% faster than 2).
+The other entries follow from them and have not been swept. Pipeline stages are capped
+so that the double-buffered tiles fit in Hopper's shared memory.
 """
 
 from __future__ import annotations
@@ -13,35 +17,39 @@ import jax.numpy as jnp
 from pisa_jax.kernels._common import LaunchConfig, supported_head_dim
 
 _ATTENTION = {
-    (128, 64, 2): LaunchConfig(num_warps=4, num_stages=2),      # swept
+    (128, 64, 2): LaunchConfig(num_warps=4, num_stages=3, indices_in_registers=True),  # swept
     (128, 128, 2): LaunchConfig(num_warps=8, num_stages=2),
-    (64, 64, 2): LaunchConfig(num_warps=4, num_stages=2),
+    (64, 64, 2): LaunchConfig(num_warps=4, num_stages=3, indices_in_registers=True),
     (64, 128, 2): LaunchConfig(num_warps=4, num_stages=2),
 }
-_STATISTICS = {   # timed at these settings (1-2% of the whole op), not swept
-    (128, 64): LaunchConfig(num_warps=8, num_stages=2),
+_STATISTICS = {
+    (128, 64): LaunchConfig(num_warps=8, num_stages=3),    # swept
     (128, 128): LaunchConfig(num_warps=8, num_stages=2),
 }
 
+# Shared memory for pipelined tiles per program (Hopper has 227 KiB per multiprocessor;
+# the rest is left to the compiler's own buffers).
+_SMEM_BUDGET = 200 * 1024
 
-# Shared memory per multiprocessor on Hopper is 227 KiB: tiles of float32 at 128 x 128 do
-# not fit twice (double buffering of k and v), so such shapes run unpipelined.
-_TILE_BYTES_FOR_ONE_STAGE = 64 * 1024
 
-
-def _stages(head_dim: int, block_size: int, itemsize: int, stages: int) -> int:
-    big = supported_head_dim(head_dim) * block_size * itemsize >= _TILE_BYTES_FOR_ONE_STAGE
-    return 1 if big else stages
+def _fit_stages(stages: int, resident_bytes: int, bytes_per_stage: int) -> int:
+    return max(1, min(stages, (_SMEM_BUDGET - resident_bytes) // bytes_per_stage))
 
 
 def attention_config(head_dim: int, block_size: int, dtype) -> LaunchConfig:
     itemsize = jnp.dtype(dtype).itemsize
-    key = (supported_head_dim(head_dim), block_size, itemsize)
-    cfg = _ATTENTION.get(key, LaunchConfig(num_warps=4 if block_size <= 64 else 8))
-    return LaunchConfig(cfg.num_warps, _stages(head_dim, block_size, itemsize, cfg.num_stages))
+    d = supported_head_dim(head_dim)
+    cfg = _ATTENTION.get((d, block_size, min(itemsize, 2)),
+                         LaunchConfig(num_warps=4 if block_size <= 64 else 8))
+    tile = block_size * d * itemsize          # q stays resident; k and v per stage
+    stages = _fit_stages(cfg.num_stages, tile, 2 * tile)
+    return LaunchConfig(cfg.num_warps, stages, cfg.key_blocks, cfg.zeroth_chunk,
+                        cfg.indices_in_registers)
 
 
 def statistics_config(head_dim: int, block_size: int, dtype) -> LaunchConfig:
     itemsize = jnp.dtype(dtype).itemsize
-    cfg = _STATISTICS.get((supported_head_dim(head_dim), block_size), LaunchConfig())
-    return LaunchConfig(cfg.num_warps, _stages(head_dim, block_size, itemsize, cfg.num_stages))
+    d = supported_head_dim(head_dim)
+    cfg = _STATISTICS.get((d, block_size), LaunchConfig())
+    tile = block_size * d * itemsize          # q, k and v per stage
+    return LaunchConfig(cfg.num_warps, _fit_stages(cfg.num_stages, 0, 3 * tile))

@@ -5,7 +5,7 @@ block's selected key blocks (the exact path, reading their indices from a list),
 small attention over every block's (mean key, value sum, length) with the selected
 blocks masked out (the zeroth order), both in one online-softmax state, then adds the
 global first-order term and writes the output once. The selected set is looked up by a
-per-query-block mask row, O(NT) per query block.
+per-query-block bit row (one bit per key block), O(NT) per query block.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -25,8 +26,17 @@ from pisa_jax.kernels._common import (LOG2E, LaunchConfig, dot_precision, infere
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom_ref, o_ref, *,
             block_size: int, num_selected: int, key_blocks: int, zeroth_chunk: int,
-            num_chunks: int, num_tokens: int, scale: float, order: int, precision: dict):
+            num_chunks: int, num_tokens: int, scale: float, order: int, precision: dict,
+            indices_in_registers: bool):
     q = q_ref[...]
+    if indices_in_registers:
+        # The whole (padded) index row is read once; each step picks its entry with a
+        # select-and-sum, so no key load waits on a memory read of its own index.
+        row = idx_ref[...]
+        lanes = lax.broadcasted_iota(jnp.int32, row.shape, 0)
+        index_at = lambda t: jnp.sum(jnp.where(lanes == t, row, 0))
+    else:
+        index_at = lambda t: idx_ref[t]
     d = q.shape[-1]
     # Logits live in the exp2 domain: exp(s x.k) = 2^(s log2(e) x.k).
     qk_scale = scale * LOG2E
@@ -43,7 +53,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
         return acc, m_new, l * alpha + mass, g
 
     def exact_one(t, carry):   # one selected block: a contiguous slice of k and v
-        start = pl.multiple_of(idx_ref[t] * block_size, block_size)
+        start = pl.multiple_of(index_at(t) * block_size, block_size)
         sl = pl.ds(start, block_size)
         s = plgpu.dot(q, k_ref[sl, :], trans_b=True, **precision) * qk_scale
         if partial_last:   # padding keys of the last block must not enter the softmax
@@ -85,10 +95,14 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
 
     if order >= 0:
         def zeroth(c, carry):
-            sl = pl.ds(pl.multiple_of(c * zeroth_chunk, zeroth_chunk), zeroth_chunk)
+            first = pl.multiple_of(c * zeroth_chunk, zeroth_chunk)
+            sl = pl.ds(first, zeroth_chunk)
             s = plgpu.dot(q, kc_ref[sl, :], trans_b=True, **precision) * qk_scale
             # Selected and padding blocks are skipped (the latter have length 0 too).
-            s = jnp.where(skip_ref[sl][None, :] != 0, -jnp.inf, s)
+            blocks = first + lax.broadcasted_iota(jnp.int32, (zeroth_chunk,), 0)
+            words = skip_ref[blocks // 32]
+            skipped = (lax.shift_right_logical(words, blocks % 32) & 1) != 0
+            s = jnp.where(skipped[None, :], -jnp.inf, s)
             return update(s, vc_ref[sl, :], carry, weights=len_ref[sl][None, :])
 
         carry = lax.fori_loop(0, num_chunks, zeroth, carry)
@@ -104,10 +118,20 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
-def _skip_mask(indices: jax.Array, nt: int, nt_pad: int) -> jax.Array:
-    """`[B, H, NT, NT_pad]` int8: 1 where the zeroth order must skip the key block."""
-    skip = jnp.zeros(indices.shape[:-1] + (nt_pad,), jnp.int8).at[..., nt:].set(1)
-    return jnp.put_along_axis(skip, indices, jnp.int8(1), axis=-1, inplace=False)
+def _skip_bits(indices: jax.Array, nt: int, nt_pad: int) -> jax.Array:
+    """`[B, H, NT, NT_pad / 32]` int32 words: bit `j % 32` of word `j // 32` is set where
+    the zeroth order must skip key block `j` (selected, or padding beyond NT).
+
+    Built by one scatter-add of single bits (the selected blocks of a row are distinct,
+    so adding is OR-ing): 1 bit per block pair instead of a byte.
+    """
+    words = nt_pad // 32
+    padding = np.zeros(words, np.uint32)
+    for j in range(nt, nt_pad):
+        padding[j // 32] |= np.uint32(1) << np.uint32(j % 32)
+    row_bits = lambda w, b: jnp.asarray(padding.view(np.int32)).at[w].add(b)
+    bits = jnp.left_shift(jnp.int32(1), indices % 32)
+    return jax.vmap(jax.vmap(jax.vmap(row_bits)))(indices // 32, bits)
 
 
 def _split_moment(moment: jax.Array, dtype) -> jax.Array:
@@ -127,14 +151,18 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     q, k, v = (prepare(x, block_size, layout) for x in (q, k, v))
     t_pad, d_pad = q.shape[ta], q.shape[-1]
     nt = num_blocks(t, block_size)
-    nt_pad = -(-nt // chunk) * chunk
+    step = max(chunk, 32)   # whole chunks and whole 32-bit words of the skip mask
+    nt_pad = -(-nt // step) * step
     num_selected = indices.shape[-1]
 
     def pad_blocks(x):   # [B, H, NT, D] -> [B, H, NT_pad, D_pad] in the dot dtype
         return jnp.pad(x, ((0, 0), (0, 0), (0, nt_pad - nt), (0, d_pad - d))).astype(q.dtype)
 
     lengths = jnp.zeros((nt_pad,), jnp.float32).at[:nt].set(block_lengths(t, block_size))
-    skip = _skip_mask(indices, nt, nt_pad)
+    skip = _skip_bits(indices, nt, nt_pad)
+    if config.indices_in_registers:   # a power-of-two row for the kernel's vector load
+        width = max(16, pl.next_power_of_2(num_selected))
+        indices = jnp.pad(indices, ((0, 0), (0, 0), (0, 0), (0, width - num_selected)))
     mom = _split_moment(jnp.pad(moment.astype(jnp.float32),
                                 ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d))), q.dtype)
 
@@ -144,8 +172,8 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         token_block_spec(layout, block_size, d_pad, lambda i, bi, hi: (bi, hi, i)),
         token_block_spec(layout, t_pad, d_pad, lambda i, bi, hi: (bi, hi, 0)),
         token_block_spec(layout, t_pad, d_pad, lambda i, bi, hi: (bi, hi, 0)),
-        pl.BlockSpec((None, None, None, num_selected), lambda i, bi, hi: (bi, hi, i, 0)),
-        pl.BlockSpec((None, None, None, nt_pad), lambda i, bi, hi: (bi, hi, i, 0)),
+        pl.BlockSpec((None, None, None, indices.shape[-1]), lambda i, bi, hi: (bi, hi, i, 0)),
+        pl.BlockSpec((None, None, None, nt_pad // 32), lambda i, bi, hi: (bi, hi, i, 0)),
         pl.BlockSpec((None, None, nt_pad, d_pad), per_head),
         pl.BlockSpec((None, None, nt_pad, d_pad), per_head),
         pl.BlockSpec((nt_pad,), lambda i, bi, hi: (0,)),
@@ -154,7 +182,8 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     kernel = functools.partial(
         _kernel, block_size=block_size, num_selected=num_selected,
         key_blocks=min(config.key_blocks, pl.next_power_of_2(num_selected)),
-        zeroth_chunk=chunk, num_chunks=nt_pad // chunk, num_tokens=t, scale=scale, order=order,
+        zeroth_chunk=chunk, num_chunks=nt_pad // chunk,
+        indices_in_registers=config.indices_in_registers, num_tokens=t, scale=scale, order=order,
         precision=dot_precision(q.dtype))
     out = pl.pallas_call(
         kernel,
