@@ -32,12 +32,18 @@ def selection_probe(t, h):
     q, k, v = inputs(t, h)
     stats = jax.jit(lambda q, k, v: pj.block_statistics(q, k, v, with_norms=True))(q, k, v)
     nt = stats.num_blocks
-    for heads in (1, 2, 4, 8):
+    default = selection._SCORE_ELEMENTS
+    for heads in (1, 2, 4, 8, h):
         selection._SCORE_ELEMENTS = heads * nt * nt
-        fn = jax.jit(lambda s: pj.select_blocks(s, density=0.15, use_bias=True))
-        ms = timeit(fn, stats) * 1e3
+        for impl in ("pallas", "reference"):
+            fn = jax.jit(lambda s, impl=impl: pj.select_blocks(s, density=0.15, use_bias=True,
+                                                               implementation=impl))
+            ms = timeit(fn, stats) * 1e3
+            print(json.dumps({"heads_per_step": heads, "implementation": impl,
+                              "selection_ms": ms}), flush=True)
         mem = extra_memory(q, k, v, 0.15, True)
-        print(json.dumps({"heads_per_step": heads, "selection_ms": ms, **mem}), flush=True)
+        print(json.dumps({"heads_per_step": heads, **mem}), flush=True)
+    selection._SCORE_ELEMENTS = default
 
 
 def main(argv=None):

@@ -66,11 +66,15 @@ def block_statistics(
 def select_blocks(
     stats: BlockStatistics, *, density: float = 0.15, scale: float | None = None,
     use_bias: bool = False, forced_blocks: Sequence[int] | None = None,
+    implementation: str = "auto", interpret: bool | None = None,
 ) -> Selection:
     """Key blocks each query block attends to exactly (`top_k = max(1, floor(density*NT))`).
 
     Forced blocks are always selected and use up slots. `scale` defaults to `D**-0.5`.
     The result can be reused by `piecewise_attention` across layers or sampling steps.
+    Scores are formed in XLA; the top-k is XLA's `lax.top_k` ("reference": indices by
+    descending score) or the Pallas top-k kernel ("pallas", the default on a GPU: the
+    same set, indices in ascending block order). The order does not change any output.
     """
     if not isinstance(stats, BlockStatistics):
         raise TypeError(f"stats must be a BlockStatistics; got {type(stats).__name__}")
@@ -80,8 +84,10 @@ def select_blocks(
     if use_bias and stats.moment_norms is None:
         raise ValueError("use_bias=True needs statistics computed with with_norms=True; "
                          "got statistics without moment_norms")
+    impl, interpret = _resolve(implementation, interpret)
     return select_from_statistics(stats, density=density, scale=scale,
-                                  use_bias=bool(use_bias), forced_blocks=forced)
+                                  use_bias=bool(use_bias), forced_blocks=forced,
+                                  implementation=impl, interpret=interpret)
 
 
 def piecewise_attention(
@@ -152,7 +158,8 @@ def piecewise_sparse_attention(
     common = dict(layout=layout, implementation=impl, interpret=interpret)
     stats = block_statistics(q, k, v, block_size=block_size, with_norms=bool(use_bias), **common)
     selection = select_from_statistics(stats, density=density, scale=scale,
-                                       use_bias=bool(use_bias), forced_blocks=forced)
+                                       use_bias=bool(use_bias), forced_blocks=forced,
+                                       implementation=impl, interpret=interpret)
     return piecewise_attention(q, k, v, stats, selection, scale=scale, order=order, **common)
 
 

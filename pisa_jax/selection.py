@@ -38,8 +38,14 @@ def select_from_statistics(
     scale: float,
     use_bias: bool,
     forced_blocks: Sequence[int] = (),
+    implementation: str = "reference",
+    interpret: bool = False,
 ) -> Selection:
-    """Top-k key blocks per query block; forced blocks always in and using up slots."""
+    """Top-k key blocks per query block; forced blocks always in and using up slots.
+
+    implementation "reference" ranks with `lax.top_k` (indices by descending score);
+    "pallas" with the top-k kernel (the same set, indices in ascending block order).
+    """
     nt = stats.num_blocks
     b, h = stats.q_mean.shape[:2]
     forced = tuple(sorted(set(forced_blocks)))
@@ -50,6 +56,9 @@ def select_from_statistics(
         if forced:
             # +inf ranks forced blocks first without changing the order of the others.
             scores = scores.at[..., jnp.asarray(forced)].set(jnp.inf)
+        if implementation == "pallas":
+            from pisa_jax.kernels.top_k import top_k_indices
+            return top_k_indices(scores, k, interpret=interpret)
         return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
 
     # The [NT, NT] scores of all heads at once would be large for long sequences

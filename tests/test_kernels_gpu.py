@@ -50,11 +50,11 @@ def test_half_precision_within_1e_2_of_float32_reference_with_same_selection(dty
 
 
 def test_large_logits_stay_finite():
-    # |s q.k| reaches about 65 with this spread at D = 128 (spread**2 x 5 sigma).
-    q, k, v = _qkv(3, 1, 4096, 4, 128, jnp.bfloat16, spread=3.6)
+    # |s q.k| reaches about 80 with this spread at D = 128 (spread**2 x 5.3 sigma).
+    q, k, v = _qkv(3, 1, 4096, 4, 128, jnp.bfloat16, spread=3.9)
     logits = jnp.einsum("bthd,bshd->bhts", q[:, :512].astype(jnp.float32),
                         k.astype(jnp.float32)) * 128 ** -0.5
-    assert float(jnp.abs(logits).max()) > 60
+    assert float(jnp.abs(logits).max()) > 70
     stats = pj.block_statistics(q, k, v, with_norms=True, implementation="pallas")
     sel = pj.select_blocks(stats, use_bias=True)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -79,3 +79,15 @@ def test_float32_with_block_128_is_refused_clearly():
     q, k, v = _qkv(5, 1, 1024, 1, 128, jnp.float32)
     with pytest.raises(ValueError, match="block_size 128 only for bfloat16/float16"):
         pj.piecewise_sparse_attention(q, k, v, block_size=128, implementation="pallas")
+
+
+def test_top_k_kernel_selects_the_same_blocks_as_xla_at_long_rows():
+    # wan-720p has 1184 blocks per row; the kernel holds 8 such rows per program.
+    q, k, v = _qkv(17, 1, 1184 * 64, 2, 128, jnp.bfloat16)
+    stats = pj.block_statistics(q, k, v, with_norms=True, implementation="pallas")
+    for forced in (None, [0, -1]):
+        opts = dict(density=0.15, use_bias=True, forced_blocks=forced)
+        got = pj.select_blocks(stats, implementation="pallas", **opts).indices
+        want = pj.select_blocks(stats, implementation="reference", **opts).indices
+        assert got.shape == want.shape == (1, 2, 1184, 177)
+        np.testing.assert_array_equal(np.asarray(got), np.sort(np.asarray(want), axis=-1))

@@ -121,6 +121,32 @@ def test_skip_bits_mark_selected_and_padding_blocks():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("rows,n,k", [(10, 37, 5), (70, 72, 10), (3, 1184, 177), (4, 16, 16)])
+def test_top_k_kernel_takes_the_same_set_as_lax_top_k(rows, n, k):
+    from pisa_jax.kernels.top_k import top_k_indices
+    rng = np.random.default_rng(n)
+    s = rng.standard_normal((rows, n)).astype(np.float32)
+    s[0, : min(3, k)] = np.inf                      # forced blocks
+    s[1] = np.round(s[1])                           # many ties: lower index first
+    s[2, :] = -s[2, :] ** 2                         # only non-positive scores
+    got = np.asarray(top_k_indices(jnp.asarray(s), k, interpret=True))
+    want = np.asarray(jax.lax.top_k(jnp.asarray(s), k)[1])
+    assert got.shape == (rows, k) and got.dtype == np.int32
+    assert (np.diff(got, axis=1) > 0).all()         # ascending, no repeats
+    np.testing.assert_array_equal(got, np.sort(want, axis=1))
+
+
+def test_pallas_selection_matches_reference_selection():
+    q, k, v = _qkv(21, 2, 700, 3, 32)
+    stats = pj.block_statistics(q, k, v, block_size=16, with_norms=True, **REF)
+    opts = dict(density=0.2, use_bias=True, forced_blocks=[0, 5])
+    got = pj.select_blocks(stats, **opts, **PALLAS)
+    want = pj.select_blocks(stats, **opts, **REF)
+    assert got.num_blocks == want.num_blocks == 44
+    np.testing.assert_array_equal(np.asarray(got.indices),
+                                  np.sort(np.asarray(want.indices), axis=-1))
+
+
 def test_launch_config_refuses_bad_values():
     from pisa_jax.kernels._common import LaunchConfig
     with pytest.raises(ValueError, match="key_blocks: expected a power of two, got 3"):
