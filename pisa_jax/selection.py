@@ -15,7 +15,8 @@ from pisa_jax._blocks import selection_size
 from pisa_jax._types import BlockStatistics, Selection
 
 
-_SCORE_ELEMENTS = 1 << 21
+# Block pairs scored at a time: 4 heads at wan-720p (NT = 1184), all heads up to NT ~ 500.
+_SCORE_ELEMENTS = 6 << 20
 
 
 def block_scores(stats: BlockStatistics, scale: float, use_bias: bool) -> jax.Array:
@@ -62,7 +63,7 @@ def select_from_statistics(
         return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
 
     # The [NT, NT] scores of all heads at once would be large for long sequences
-    # (224 MB at 75k tokens and 40 heads): score at most 2M block pairs (8 MB) at a time.
+    # (224 MB at 75k tokens and 40 heads): score at most 6M block pairs (25 MB) at a time.
     heads_per_step = max(1, min(b * h, _SCORE_ELEMENTS // (nt * nt)))
     if heads_per_step >= b * h:
         return Selection(indices=top_blocks(stats), num_blocks=nt)
