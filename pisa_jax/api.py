@@ -73,8 +73,9 @@ def select_blocks(
     Forced blocks are always selected and use up slots. `scale` defaults to `D**-0.5`.
     The result can be reused by `piecewise_attention` across layers or sampling steps.
     Scores are formed in XLA; the top-k is XLA's `lax.top_k` ("reference": indices by
-    descending score) or the Pallas top-k kernel ("pallas", the default on a GPU: the
-    same set, indices in ascending block order). The order does not change any output.
+    descending score) or, for 128 blocks or more, the Pallas top-k kernel ("pallas", the
+    default on a GPU: the same set, indices in ascending block order). The order of the
+    indices does not change any output.
     """
     if not isinstance(stats, BlockStatistics):
         raise TypeError(f"stats must be a BlockStatistics; got {type(stats).__name__}")

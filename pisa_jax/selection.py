@@ -17,6 +17,9 @@ from pisa_jax._types import BlockStatistics, Selection
 
 # Block pairs scored at a time: 4 heads at wan-720p (NT = 1184), all heads up to NT ~ 500.
 _SCORE_ELEMENTS = 6 << 20
+# Below this many blocks per row XLA's sort-based top-k is the faster one (H200: 0.055 vs
+# 0.071 ms for the whole selection at NT = 72; the kernel wins from NT = 264 on).
+_TOP_K_KERNEL_MIN_BLOCKS = 128
 
 
 def block_scores(stats: BlockStatistics, scale: float, use_bias: bool) -> jax.Array:
@@ -45,7 +48,8 @@ def select_from_statistics(
     """Top-k key blocks per query block; forced blocks always in and using up slots.
 
     implementation "reference" ranks with `lax.top_k` (indices by descending score);
-    "pallas" with the top-k kernel (the same set, indices in ascending block order).
+    "pallas" with the top-k kernel (the same set, indices in ascending block order) from
+    `_TOP_K_KERNEL_MIN_BLOCKS` blocks per row on, with `lax.top_k` below that.
     """
     nt = stats.num_blocks
     b, h = stats.q_mean.shape[:2]
@@ -57,7 +61,7 @@ def select_from_statistics(
         if forced:
             # +inf ranks forced blocks first without changing the order of the others.
             scores = scores.at[..., jnp.asarray(forced)].set(jnp.inf)
-        if implementation == "pallas":
+        if implementation == "pallas" and nt >= _TOP_K_KERNEL_MIN_BLOCKS:
             from pisa_jax.kernels.top_k import top_k_indices
             return top_k_indices(scores, k, interpret=interpret)
         return jax.lax.top_k(scores, k)[1].astype(jnp.int32)

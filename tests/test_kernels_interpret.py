@@ -136,15 +136,20 @@ def test_top_k_kernel_takes_the_same_set_as_lax_top_k(rows, n, k):
     np.testing.assert_array_equal(got, np.sort(want, axis=1))
 
 
-def test_pallas_selection_matches_reference_selection():
+@pytest.mark.parametrize("kernel_from", [0, 128])    # the kernel, or lax.top_k at NT = 44
+def test_pallas_selection_matches_reference_selection(kernel_from, monkeypatch):
+    from pisa_jax import selection
+    monkeypatch.setattr(selection, "_TOP_K_KERNEL_MIN_BLOCKS", kernel_from)
     q, k, v = _qkv(21, 2, 700, 3, 32)
     stats = pj.block_statistics(q, k, v, block_size=16, with_norms=True, **REF)
     opts = dict(density=0.2, use_bias=True, forced_blocks=[0, 5])
     got = pj.select_blocks(stats, **opts, **PALLAS)
     want = pj.select_blocks(stats, **opts, **REF)
     assert got.num_blocks == want.num_blocks == 44
-    np.testing.assert_array_equal(np.asarray(got.indices),
-                                  np.sort(np.asarray(want.indices), axis=-1))
+    got = np.asarray(got.indices)
+    if kernel_from == 0:
+        assert (np.diff(got, axis=-1) > 0).all()     # the kernel's ascending order
+    np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(np.asarray(want.indices), -1))
 
 
 def test_launch_config_refuses_bad_values():
