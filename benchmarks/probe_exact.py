@@ -1,10 +1,14 @@
-"""Where the exact path loses time: one shape, the exact path alone (order -1).
+"""Where the exact path and the selection spend their time, on one shape.
 
-    python benchmarks/probe_exact.py [--shape seq-32k]
+    python benchmarks/probe_exact.py [--shape seq-32k] [--out probe.json]
+    python benchmarks/probe_exact.py --shape wan-720p --selection
 
-Times the attention kernel with only the exact path for the benchmark's selection, the
-same selection sorted, and one where every query block selects the same first blocks
-(every key load an L2 hit), against Pallas Triton dense flash attention per block config.
+Default: times the attention kernel with only the exact path (order -1) for the
+benchmark's selection, the same selection sorted, and one where every query block
+selects the same first blocks (every key load an L2 hit), with the index row read per
+step or once, against Pallas Triton dense flash attention per block config.
+--selection: times `select_blocks` with the top-k kernel and with `lax.top_k` while
+scoring 1, 2, 4, 8 or all heads at a time, and the whole op's extra memory for each.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def selection_probe(t, h):
     q, k, v = inputs(t, h)
     stats = jax.jit(lambda q, k, v: pj.block_statistics(q, k, v, with_norms=True))(q, k, v)
     nt = stats.num_blocks
-    default = selection._SCORE_ELEMENTS
+    default = selection._SCORE_ELEMENTS   # overridden per run, restored at the end
     for heads in (1, 2, 4, 8, h):
         selection._SCORE_ELEMENTS = heads * nt * nt
         for impl in ("pallas", "reference"):
