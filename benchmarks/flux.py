@@ -96,7 +96,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="1024,2048")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
-    p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--no-diffusers", action="store_true",
+                   help="do not time diffusers (its model still draws the shared random "
+                        "weights, so torch and diffusers are still needed)")
     p.add_argument("--f32-reference", action="store_true",
                    help="also run diffusers in float32 (same weights) at the first size, to "
                         "measure how far each bf16 forward is from it")
