@@ -64,10 +64,14 @@ def dense_flops(t, h):
     return 4.0 * t * t * D * h
 
 
-def pallas_flash(q, k, v):
+FLASH_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3))
+
+
+def pallas_flash_rows(q, k, v, configs=FLASH_CONFIGS):
+    """Pallas Triton flash attention per (block_q, block_k, warps, stages): ms per config."""
     from jax.experimental.pallas.ops.gpu import attention as flash
-    best = None
-    for bq, bk, warps, stages in ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)):
+    rows = []
+    for bq, bk, warps, stages in configs:
         fn = jax.jit(lambda q, k, v, bq=bq, bk=bk, w=warps, s=stages: flash.mha(
             q, k, v, None, sm_scale=D ** -0.5,
             block_sizes=flash.BlockSizes(block_q=bq, block_k=bk), num_warps=w, num_stages=s))
@@ -76,8 +80,21 @@ def pallas_flash(q, k, v):
         except Exception as e:  # a config Triton cannot build is skipped, not fatal
             print(f"  pallas flash {bq}x{bk} w{warps} s{stages} failed: {type(e).__name__}")
             continue
-        best = ms if best is None else min(best, ms)
-    return best
+        rows.append({"block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages,
+                     "ms": ms})
+    return rows
+
+
+def pallas_flash(q, k, v):
+    """Best of FLASH_CONFIGS (ms), or None if none built."""
+    return min((r["ms"] for r in pallas_flash_rows(q, k, v)), default=None)
+
+
+def attention_kernel_fn(config, order=1):
+    """The piecewise attention kernel alone, jitted, for precomputed stats and selection."""
+    return jax.jit(lambda q, k, v, st, se: attn_kernel.piecewise_attention(
+        q, k, v, st, se, scale=D ** -0.5, order=order, layout="bthd", interpret=False,
+        config=config))
 
 
 def pisa_fn(density, use_bias, config=None):
@@ -125,9 +142,7 @@ def sweep(q, k, v, configs=SWEEP):
     for warps, stages, key_blocks, chunk, in_registers in configs:
         cfg = LaunchConfig(num_warps=warps, num_stages=stages, key_blocks=key_blocks,
                            zeroth_chunk=chunk, indices_in_registers=in_registers)
-        kernel_only = jax.jit(lambda q, k, v, st, se, cfg=cfg: attn_kernel.piecewise_attention(
-            q, k, v, st, se, scale=D ** -0.5, order=1, layout="bthd", interpret=False,
-            config=cfg))
+        kernel_only = attention_kernel_fn(cfg)
         try:
             out = kernel_only(q, k, v, stats, sel)
             kernel_ms = timeit(kernel_only, q, k, v, stats, sel) * 1e3

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pisa_jax as pj  # noqa: E402
-from benchmarks.attention import D, SHAPES, dense_flops, inputs, timeit  # noqa: E402
+from benchmarks.attention import (SHAPES, attention_kernel_fn, dense_flops,  # noqa: E402
+                                  inputs, pallas_flash_rows, timeit)
 from pisa_jax.kernels import block_statistics as stats_kernel  # noqa: E402
-from pisa_jax.kernels import piecewise_attention as attn_kernel  # noqa: E402
 from pisa_jax.kernels._common import LaunchConfig  # noqa: E402
 
 
@@ -77,27 +77,14 @@ def main(argv=None):
         for stages in (2, 3):
             cfg = LaunchConfig(num_stages=stages, indices_in_registers=in_regs)
             for name, s in selections.items():
-                fn = jax.jit(lambda q, k, v, st, se, cfg=cfg: attn_kernel.piecewise_attention(
-                    q, k, v, st, se, scale=D ** -0.5, order=-1, layout="bthd",
-                    interpret=False, config=cfg))
-                ms = timeit(fn, q, k, v, stats, s) * 1e3
+                ms = timeit(attention_kernel_fn(cfg, order=-1), q, k, v, stats, s) * 1e3
                 row = {**dataclasses.asdict(cfg), "selection": name, "ms": ms,
                        "tflops": exact_flops / ms / 1e9}
                 res["exact"].append(row)
                 print(json.dumps(row), flush=True)
-    from jax.experimental.pallas.ops.gpu import attention as flash
-    for bq, bk, warps, stages in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3),
-                                  (128, 128, 8, 2), (64, 128, 4, 2)):
-        fn = jax.jit(lambda q, k, v, bq=bq, bk=bk, w=warps, s=stages: flash.mha(
-            q, k, v, None, sm_scale=D ** -0.5,
-            block_sizes=flash.BlockSizes(block_q=bq, block_k=bk), num_warps=w, num_stages=s))
-        try:
-            ms = timeit(fn, q, k, v) * 1e3
-        except Exception as e:
-            print(f"flash {bq}x{bk} w{warps} s{stages} failed: {type(e).__name__}", flush=True)
-            continue
-        row = {"block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages,
-               "ms": ms, "tflops": dense_flops(t, h) / ms / 1e9}
+    for row in pallas_flash_rows(q, k, v, ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3),
+                                           (128, 128, 8, 2), (64, 128, 4, 2))):
+        row["tflops"] = dense_flops(t, h) / row["ms"] / 1e9
         res["flash"].append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -158,6 +158,10 @@ def test_launch_config_refuses_bad_values():
         LaunchConfig(key_blocks=3)
     with pytest.raises(ValueError, match="num_warps: expected a positive int, got 0"):
         LaunchConfig(num_warps=0)
+    with pytest.raises(ValueError, match="num_stages: expected a positive int, got True"):
+        LaunchConfig(num_stages=True)
+    with pytest.raises(ValueError, match="indices_in_registers: expected a bool, got 1"):
+        LaunchConfig(indices_in_registers=1)
 
 
 def test_forced_blocks_and_density_one_in_kernels():

@@ -22,8 +22,8 @@ class LaunchConfig:
     path gathers `key_blocks` selected key blocks into one key tile per step (wider
     matrix products, fewer softmax rescales), and the zeroth-order pass visits block
     summaries `zeroth_chunk` at a time (both powers of two). With
-    `indices_in_registers` the exact path reads its index list once as a vector
-    instead of one scalar load per step.
+    `indices_in_registers` the one-block-per-step exact path reads its index list once
+    as a vector instead of one scalar load per step.
     """
 
     num_warps: int = 4
@@ -35,12 +35,15 @@ class LaunchConfig:
     def __post_init__(self):
         for name in ("num_warps", "num_stages", "key_blocks", "zeroth_chunk"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LaunchConfig.{name}: expected a positive int, got {value!r}")
         for name in ("key_blocks", "zeroth_chunk"):
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"LaunchConfig.{name}: expected a power of two, got {value}")
+        if not isinstance(self.indices_in_registers, bool):
+            raise ValueError("LaunchConfig.indices_in_registers: expected a bool, got "
+                             f"{self.indices_in_registers!r}")
 
 
 def supported_head_dim(d: int) -> int:

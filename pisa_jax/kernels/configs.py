@@ -12,6 +12,8 @@ so that the double-buffered tiles fit in Hopper's shared memory.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from pisa_jax.kernels._common import LaunchConfig, supported_head_dim
@@ -42,9 +44,7 @@ def attention_config(head_dim: int, block_size: int, dtype) -> LaunchConfig:
     cfg = _ATTENTION.get((d, block_size, min(itemsize, 2)),
                          LaunchConfig(num_warps=4 if block_size <= 64 else 8))
     tile = block_size * d * itemsize          # q stays resident; k and v per stage
-    stages = _fit_stages(cfg.num_stages, tile, 2 * tile)
-    return LaunchConfig(cfg.num_warps, stages, cfg.key_blocks, cfg.zeroth_chunk,
-                        cfg.indices_in_registers)
+    return dataclasses.replace(cfg, num_stages=_fit_stages(cfg.num_stages, tile, 2 * tile))
 
 
 def statistics_config(head_dim: int, block_size: int, dtype) -> LaunchConfig:
@@ -52,4 +52,4 @@ def statistics_config(head_dim: int, block_size: int, dtype) -> LaunchConfig:
     d = supported_head_dim(head_dim)
     cfg = _STATISTICS.get((d, block_size), LaunchConfig())
     tile = block_size * d * itemsize          # q, k and v per stage
-    return LaunchConfig(cfg.num_warps, _fit_stages(cfg.num_stages, 0, 3 * tile))
+    return dataclasses.replace(cfg, num_stages=_fit_stages(cfg.num_stages, 0, 3 * tile))
