@@ -64,7 +64,7 @@ def dense_flops(t, h):
     return 4.0 * t * t * D * h
 
 
-FLASH_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3))
+FLASH_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3))
 
 
 def pallas_flash_rows(q, k, v, configs=FLASH_CONFIGS):

@@ -85,6 +85,7 @@ def test_half_precision_kernels_within_1e_2_of_float32_reference(dtype):
     (1, 32, True, "bhtd"),    # one block per step, index row read as one vector
     (2, 32, True, "bthd"),    # 7 selected blocks: three pairs and a masked tail
     (4, 128, False, "bhtd"),  # one group of four and a tail of three
+    (4, 64, True, "bthd"),    # the same, picking the group's indices from the index row
     (8, 16, False, "bthd"),   # fewer selected blocks than one group: only the tail step
 ])
 def test_launch_variants_match_reference(key_blocks, zeroth_chunk, in_registers, layout):

@@ -43,10 +43,12 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
     partial_last = num_tokens % block_size != 0
 
     def update(s, values, carry, weights=None):
+        # `s` and `m` stay unscaled: the scale enters with the max subtraction, one fused
+        # multiply-add per logit.
         acc, m, l, g = carry
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        alpha = jnp.exp2((m - m_new) * qk_scale)
+        p = jnp.exp2(s * qk_scale - (m_new * qk_scale)[:, None])
         mass = jnp.sum(p if weights is None else p * weights, axis=1)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(values.dtype), values, **precision)
         g = g * alpha + (mass if weights is not None else 0.0)
@@ -55,7 +57,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
     def exact_one(t, carry):   # one selected block: a contiguous slice of k and v
         start = pl.multiple_of(index_at(t) * block_size, block_size)
         sl = pl.ds(start, block_size)
-        s = plgpu.dot(q, k_ref[sl, :], trans_b=True, **precision) * qk_scale
+        s = plgpu.dot(q, k_ref[sl, :], trans_b=True, **precision)
         if partial_last:   # padding keys of the last block must not enter the softmax
             cols = start + lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
             s = jnp.where(cols < num_tokens, s, -jnp.inf)
@@ -70,8 +72,15 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
         pos = first + slot
         if valid_blocks < key_blocks:
             pos = jnp.minimum(pos, num_selected - 1)
-        rows = idx_ref[pos] * block_size + within
-        s = plgpu.dot(q, k_ref[rows, :], trans_b=True, **precision) * qk_scale
+        if indices_in_registers:
+            picked = index_at(jnp.minimum(first, num_selected - 1))
+            for g in range(1, key_blocks):
+                e = index_at(jnp.minimum(first + g, num_selected - 1))
+                picked = jnp.where(slot == g, e, picked)
+            rows = picked * block_size + within
+        else:
+            rows = idx_ref[pos] * block_size + within
+        s = plgpu.dot(q, k_ref[rows, :], trans_b=True, **precision)
         keep = None
         if partial_last:
             keep = rows < num_tokens
@@ -97,7 +106,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
         def zeroth(c, carry):
             first = pl.multiple_of(c * zeroth_chunk, zeroth_chunk)
             sl = pl.ds(first, zeroth_chunk)
-            s = plgpu.dot(q, kc_ref[sl, :], trans_b=True, **precision) * qk_scale
+            s = plgpu.dot(q, kc_ref[sl, :], trans_b=True, **precision)
             # Selected and padding blocks are skipped (the latter have length 0 too).
             blocks = first + lax.broadcasted_iota(jnp.int32, (zeroth_chunk,), 0)
             words = skip_ref[blocks // 32]
@@ -108,12 +117,9 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
         carry = lax.fori_loop(0, num_chunks, zeroth, carry)
     acc, _, l, g = carry
     if order == 1:
-        # x @ H with H split into parts of the input dtype (hi + lo for half types): near
-        # float32 accuracy of H at the cost of small tensor-core products, without a
-        # float32 D x D tile in registers.
-        first = plgpu.dot(q, mom_ref[0], **precision)
-        for part in range(1, mom_ref.shape[0]):
-            first = first + plgpu.dot(q, mom_ref[part], **precision)
+        # x @ H with H in the input dtype: its rounding (2^-9 relative for bf16) is below
+        # that of the bf16 output, and a float32 D x D tile would not fit in registers.
+        first = plgpu.dot(q, mom_ref[...], **precision)
         acc = acc + (g * (scale / num_tokens))[:, None] * first
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
@@ -132,15 +138,6 @@ def _skip_bits(indices: jax.Array, nt: int, nt_pad: int) -> jax.Array:
     row_bits = lambda w, b: jnp.asarray(padding.view(np.int32)).at[w].add(b)
     bits = jnp.left_shift(jnp.int32(1), indices % 32)
     return jax.vmap(jax.vmap(jax.vmap(row_bits)))(indices // 32, bits)
-
-
-def _split_moment(moment: jax.Array, dtype) -> jax.Array:
-    """`[B, H, P, D, D]` parts of the input dtype summing to the float32 moment."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return moment[:, :, None]
-    hi = moment.astype(dtype)
-    lo = (moment - hi.astype(jnp.float32)).astype(dtype)
-    return jnp.stack([hi, lo], axis=2)
 
 
 def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scale: float,
@@ -163,8 +160,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     if config.indices_in_registers:   # a power-of-two row for the kernel's vector load
         width = max(16, pl.next_power_of_2(num_selected))
         indices = jnp.pad(indices, ((0, 0), (0, 0), (0, 0), (0, width - num_selected)))
-    mom = _split_moment(jnp.pad(moment.astype(jnp.float32),
-                                ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d))), q.dtype)
+    mom = jnp.pad(moment, ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d))).astype(q.dtype)
 
     grid = (nt, b, h)
     per_head = lambda i, bi, hi: (bi, hi, 0, 0)
@@ -177,7 +173,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         pl.BlockSpec((None, None, nt_pad, d_pad), per_head),
         pl.BlockSpec((None, None, nt_pad, d_pad), per_head),
         pl.BlockSpec((nt_pad,), lambda i, bi, hi: (0,)),
-        pl.BlockSpec((None, None, mom.shape[2], d_pad, d_pad), lambda i, bi, hi: (bi, hi, 0, 0, 0)),
+        pl.BlockSpec((None, None, d_pad, d_pad), per_head),
     ]
     kernel = functools.partial(
         _kernel, block_size=block_size, num_selected=num_selected,
