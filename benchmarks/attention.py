@@ -177,7 +177,8 @@ def sweep_statistics(q, k, v, configs=((4, 1), (4, 2), (8, 1), (8, 2), (8, 3))):
     return rows
 
 
-def plot(results, path):
+def plot(results, path, device=None):
+    """Speedup over cuDNN per shape and density; `device` names the GPU in the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -193,7 +194,8 @@ def plot(results, path):
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylabel("speedup over JAX cuDNN dense")
-    ax.set_title(f"PISA (Pallas Triton) on {jax.devices()[0].device_kind}, bf16, D=128")
+    device = device or jax.devices()[0].device_kind
+    ax.set_title(f"PISA (Pallas Triton) on {device}, bf16, D=128")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
