@@ -40,9 +40,14 @@ def kernel_times(fn, args, calls: int) -> tuple[dict[str, float], float]:
         if not paths:
             raise RuntimeError(f"the profiler wrote no trace under {tmp}")
         data = jax.profiler.ProfileData.from_file(paths[0])
+    return gpu_kernel_times(data.planes, calls)
+
+
+def gpu_kernel_times(planes, calls: int) -> tuple[dict[str, float], float]:
+    """Per-kernel mean microseconds and mean span per call from a trace's planes."""
     totals: dict[str, float] = collections.defaultdict(float)
     first, last = float("inf"), 0.0
-    for plane in data.planes:
+    for plane in planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
@@ -54,7 +59,7 @@ def kernel_times(fn, args, calls: int) -> tuple[dict[str, float], float]:
                 first = min(first, event.start_ns)
                 last = max(last, event.start_ns + event.duration_ns)
     if not totals:
-        lines = [(pl.name, ln.name) for pl in data.planes for ln in pl.lines]
+        lines = [(pl.name, ln.name) for pl in planes for ln in pl.lines]
         raise RuntimeError(f"the trace holds no GPU kernel events (is a GPU visible?); "
                            f"planes and lines: {lines[:40]}")
     return dict(totals), (last - first) / 1e3 / calls

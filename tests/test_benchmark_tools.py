@@ -1,0 +1,59 @@
+"""CPU checks of the benchmark helpers that turn measurements into figures."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.profile_op import gpu_kernel_times, stage_of
+from pisa_jax.kernels import configs
+
+
+def _event(name, start, duration):
+    return NS(name=name, start_ns=float(start), duration_ns=float(duration))
+
+
+def test_gpu_kernel_times_adds_stream_events_only():
+    rng = np.random.default_rng(0)
+    durations = rng.uniform(1e3, 5e4, size=(2, 3))     # 2 calls x 3 kernels, ns
+    names = ["pisa_block_statistics", "pisa_top_k", "pisa_piecewise_attention"]
+    events, t = [], 1e6
+    for call in range(2):
+        for name, dur in zip(names, durations[call]):
+            events.append(_event(name, t, dur))
+            t += dur + 500.0                            # a 0.5 us gap between kernels
+    planes = [
+        NS(name="/host:CPU", lines=[NS(name="python", events=[_event("host", 0, 9e9)])]),
+        NS(name="/device:GPU:0", lines=[
+            NS(name="XLA Ops", events=[_event("grouping", 0, 9e9)]),   # not a stream
+            NS(name="Stream #13(Compute)", events=events),
+        ]),
+    ]
+    times, span = gpu_kernel_times(planes, calls=2)
+    for k, name in enumerate(names):
+        assert times[name] == pytest.approx(durations[:, k].sum() / 2 / 1e3)
+    assert span == pytest.approx((durations.sum() + 5 * 500.0) / 2 / 1e3)
+    assert {stage_of(n) for n in times} == {"statistics", "top-k", "attention kernel"}
+    assert stage_of("loop_pad_fusion").startswith("XLA")
+
+
+def test_gpu_kernel_times_without_gpu_events_says_so():
+    planes = [NS(name="/host:CPU", lines=[NS(name="python", events=[_event("x", 0, 1)])])]
+    with pytest.raises(RuntimeError, match="no GPU kernel events"):
+        gpu_kernel_times(planes, calls=1)
+
+
+@pytest.mark.parametrize("block_size,dtype,stages", [
+    (64, jnp.bfloat16, 3),    # swept: 3 stages
+    (128, jnp.bfloat16, 3),   # swept: 3 stages fit (two 64 KiB k/v tiles in flight)
+    (64, jnp.float32, 2),     # float32 tiles keep at most 2 stages
+    (128, jnp.float32, 2),
+])
+def test_attention_stages_fit_shared_memory(block_size, dtype, stages):
+    cfg = configs.attention_config(128, block_size, dtype)
+    assert cfg.num_stages == stages
+    tile = block_size * 128 * jnp.dtype(dtype).itemsize
+    assert tile + (cfg.num_stages - 1) * 2 * tile <= configs._SMEM_BUDGET
