@@ -8,9 +8,7 @@ entry points in `pisa_jax.api` validate arguments and handle layouts.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import Array
-
-from jax import lax
+from jax import Array, lax
 
 from pisa_jax._blocks import block_lengths, num_blocks
 from pisa_jax._types import BlockStatistics, Selection
