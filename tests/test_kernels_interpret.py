@@ -81,6 +81,24 @@ def test_half_precision_kernels_within_1e_2_of_float32_reference(dtype):
         assert relative_error(got, want) <= 1e-2
 
 
+def test_float16_first_order_with_moment_beyond_float16_range():
+    # Correlated large keys and values: the summed moment H passes float16's maximum
+    # (65504) although every input and the output are well inside it.
+    rng = np.random.default_rng(11)
+    t, d = 600, 32
+    k = 30.0 * rng.standard_normal((1, t, 1, d)) + 5.0
+    v = k + 3.0 * rng.standard_normal((1, t, 1, d))
+    q = 0.02 * rng.standard_normal((1, t, 1, d))
+    q, k, v = (jnp.asarray(x, jnp.float16) for x in (q, k, v))
+    stats = pj.block_statistics(q, k, v, with_norms=True, **PALLAS)
+    assert float(jnp.max(jnp.abs(stats.moment))) > 2 * 65504
+    sel = pj.select_blocks(stats, density=0.3, use_bias=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = pj.piecewise_attention(*f32, pj.block_statistics(*f32, **REF), sel, **REF)
+    got = pj.piecewise_attention(q, k, v, stats, sel, **PALLAS)
+    assert relative_error(got, want) <= 1e-2
+
+
 @pytest.mark.parametrize("key_blocks,zeroth_chunk,in_registers,layout", [
     (1, 32, True, "bhtd"),    # one block per step, index row read as one vector
     (2, 32, True, "bthd"),    # 7 selected blocks: three pairs and a masked tail

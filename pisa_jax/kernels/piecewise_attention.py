@@ -24,6 +24,7 @@ from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.kernels._common import (LOG2E, LaunchConfig, dot_precision, inference_only, prepare,
                                       token_block_spec)
 
+
 def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom_ref, o_ref, *,
             block_size: int, num_selected: int, key_blocks: int, zeroth_chunk: int,
             num_chunks: int, num_tokens: int, scale: float, order: int, precision: dict,
@@ -69,17 +70,14 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
     slot, within = offsets // block_size, offsets % block_size
 
     def exact_group(first, carry, valid_blocks=key_blocks):
-        pos = first + slot
-        if valid_blocks < key_blocks:
-            pos = jnp.minimum(pos, num_selected - 1)
-        if indices_in_registers:
+        if indices_in_registers:   # one pick per block of the group, spread over its slots
             picked = index_at(jnp.minimum(first, num_selected - 1))
             for g in range(1, key_blocks):
-                e = index_at(jnp.minimum(first + g, num_selected - 1))
-                picked = jnp.where(slot == g, e, picked)
-            rows = picked * block_size + within
+                picked = jnp.where(slot == g, index_at(jnp.minimum(first + g, num_selected - 1)),
+                                   picked)
         else:
-            rows = idx_ref[pos] * block_size + within
+            picked = idx_ref[jnp.minimum(first + slot, num_selected - 1)]
+        rows = picked * block_size + within
         s = plgpu.dot(q, k_ref[rows, :], trans_b=True, **precision)
         keep = None
         if partial_last:
@@ -117,10 +115,11 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
         carry = lax.fori_loop(0, num_chunks, zeroth, carry)
     acc, _, l, g = carry
     if order == 1:
-        # x @ H with H in the input dtype: its rounding (2^-9 relative for bf16) is below
-        # that of the bf16 output, and a float32 D x D tile would not fit in registers.
+        # x @ (H / T) with H / T in the input dtype: its rounding (2^-9 relative for bf16)
+        # is below that of the bf16 output, a float32 D x D tile would not fit in registers,
+        # and the mean moment stays in float16's range where the sum over T tokens may not.
         first = plgpu.dot(q, mom_ref[...], **precision)
-        acc = acc + (g * (scale / num_tokens))[:, None] * first
+        acc = acc + (g * scale)[:, None] * first
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
@@ -160,7 +159,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     if config.indices_in_registers:   # a power-of-two row for the kernel's vector load
         width = max(16, pl.next_power_of_2(num_selected))
         indices = jnp.pad(indices, ((0, 0), (0, 0), (0, 0), (0, width - num_selected)))
-    mom = jnp.pad(moment, ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d))).astype(q.dtype)
+    mom = jnp.pad(moment / t, ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d))).astype(q.dtype)
 
     grid = (nt, b, h)
     per_head = lambda i, bi, hi: (bi, hi, 0, 0)
