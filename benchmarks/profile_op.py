@@ -85,6 +85,10 @@ def main(argv=None):
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
         p.error(f"unknown shapes {sorted(unknown)}; expected some of {list(SHAPES)}")
+    if not 0.0 < args.density <= 1.0:
+        p.error(f"--density: expected a number in (0, 1]; got {args.density}")
+    if args.calls < 1:
+        p.error(f"--calls: expected a positive count; got {args.calls}")
     use_bias = not args.no_bias
 
     @jax.jit
