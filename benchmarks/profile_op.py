@@ -1,12 +1,14 @@
 """GPU time of every kernel in the whole PISA op, from a profiler trace.
 
     python benchmarks/profile_op.py [--shapes flux-2048,seq-32k] [--density 0.15]
-        [--no-bias] [--block-size 64] [--calls 20] [--out profile.json]
+        [--no-bias] [--block-size 64] [--calls 20] [--dense] [--out profile.json]
 
 Wall-clock timing of a small stage (statistics, selection) can be bound by dispatching
 it from Python; this script instead traces `--calls` calls of the jitted op (statistics +
 selection + attention) and adds up each GPU kernel's own duration from the trace, so
-the per-stage figures are device times and sum to the op's GPU time.
+the per-stage figures are device times and sum to the op's GPU time. With --dense it also
+traces cuDNN dense attention on the same inputs and times both ops by wall clock, so the
+speedup can be read both ways: GPU time over GPU time and wall clock over wall clock.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pisa_jax as pj  # noqa: E402
-from benchmarks.attention import SHAPES, inputs  # noqa: E402
+from benchmarks.attention import SHAPES, inputs, timeit  # noqa: E402
 
 
 def kernel_times(fn, args, calls: int) -> tuple[dict[str, float], float]:
@@ -73,6 +75,21 @@ def stage_of(kernel: str) -> str:
     return "XLA (scores, bias, padding, bit mask, sums)"
 
 
+def dense_comparison(op, args, op_gpu_ms: float, calls: int) -> dict:
+    """cuDNN dense attention's GPU time (same trace method) and both ops' wall clock."""
+    dense = jax.jit(lambda q, k, v: pj.dense_attention(q, k, v, implementation="cudnn"))
+    dense_us, _ = kernel_times(dense, args, calls)
+    dense_gpu_ms = sum(dense_us.values()) / 1e3
+    op_wall_ms, dense_wall_ms = timeit(op, *args) * 1e3, timeit(dense, *args) * 1e3
+    row = {"dense_gpu_ms": dense_gpu_ms, "dense_wall_ms": dense_wall_ms,
+           "op_wall_ms": op_wall_ms, "speedup_gpu_time": dense_gpu_ms / op_gpu_ms,
+           "speedup_wall_clock": dense_wall_ms / op_wall_ms}
+    print(f"  cuDNN dense: {dense_gpu_ms:.3f} ms GPU, {dense_wall_ms:.3f} ms wall; op "
+          f"{op_gpu_ms:.3f} ms GPU, {op_wall_ms:.3f} ms wall; speedup "
+          f"{row['speedup_gpu_time']:.2f}x (GPU time), {row['speedup_wall_clock']:.2f}x (wall)")
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="flux-2048,seq-32k")
@@ -80,6 +97,8 @@ def main(argv=None):
     p.add_argument("--no-bias", action="store_true")
     p.add_argument("--block-size", type=int, default=64, choices=(64, 128))
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--dense", action="store_true",
+                   help="also trace and time cuDNN dense attention; report both speedups")
     p.add_argument("--out", default=None, help="write the per-kernel times as JSON here")
     args = p.parse_args(argv)
     unknown = set(args.shapes.split(",")) - set(SHAPES)
@@ -113,8 +132,12 @@ def main(argv=None):
         print("  kernels:")
         for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
             print(f"    {name[:60]:<60} {us:9.1f} us")
-        results[shape] = {"total_ms": total / 1e3, "span_ms": span / 1e3, "stages_ms": {k: v / 1e3 for k, v in stages.items()},
+        results[shape] = {"total_ms": total / 1e3, "span_ms": span / 1e3,
+                          "stages_ms": {k: v / 1e3 for k, v in stages.items()},
                           "kernels_us": times}
+        if args.dense:
+            results[shape]["dense"] = dense_comparison(op, inputs(t, h), total / 1e3,
+                                                       args.calls)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(jax.devices()[0].device_kind), "density": args.density,

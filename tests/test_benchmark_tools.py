@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import profile_op
 from benchmarks.profile_op import gpu_kernel_times, stage_of
 from pisa_jax.kernels import configs
 
@@ -38,6 +39,31 @@ def test_gpu_kernel_times_adds_stream_events_only():
     assert span == pytest.approx((durations.sum() + 5 * 500.0) / 2 / 1e3)
     assert {stage_of(n) for n in times} == {"statistics", "top-k", "attention kernel"}
     assert stage_of("loop_pad_fusion").startswith("XLA")
+
+
+def test_dense_comparison_reports_both_speedups(monkeypatch):
+    # GPU-free: the trace and the wall clock are replaced by drawn figures.
+    rng = np.random.default_rng(1)
+    dense_kernels = dict(zip(["cudnn_fprop", "transpose"], rng.uniform(100.0, 900.0, 2)))
+    walls = iter(rng.uniform(1e-4, 1e-2, 2))
+    op_wall, dense_wall = next(walls), None
+    monkeypatch.setattr(profile_op, "kernel_times", lambda fn, args, calls: (dense_kernels, 0.0))
+
+    def fake_timeit(fn, *args):
+        nonlocal dense_wall
+        if dense_wall is None:
+            dense_wall = next(walls)
+            return op_wall
+        return dense_wall
+
+    monkeypatch.setattr(profile_op, "timeit", fake_timeit)
+    op_gpu_ms = float(rng.uniform(0.1, 1.0))
+    row = profile_op.dense_comparison(None, (), op_gpu_ms, calls=3)
+    dense_gpu_ms = sum(dense_kernels.values()) / 1e3
+    assert row["dense_gpu_ms"] == pytest.approx(dense_gpu_ms)
+    assert row["speedup_gpu_time"] == pytest.approx(dense_gpu_ms / op_gpu_ms)
+    assert row["op_wall_ms"] == pytest.approx(op_wall * 1e3)
+    assert row["speedup_wall_clock"] == pytest.approx(dense_wall / op_wall)
 
 
 def test_gpu_kernel_times_without_gpu_events_says_so():
