@@ -119,7 +119,8 @@ def main(argv=None):
     results = {}
     for shape in args.shapes.split(","):
         t, h = SHAPES[shape]
-        times, span = kernel_times(op, inputs(t, h), args.calls)
+        qkv = inputs(t, h)
+        times, span = kernel_times(op, qkv, args.calls)
         stages: dict[str, float] = collections.defaultdict(float)
         for name, us in times.items():
             stages[stage_of(name)] += us
@@ -136,8 +137,7 @@ def main(argv=None):
                           "stages_ms": {k: v / 1e3 for k, v in stages.items()},
                           "kernels_us": times}
         if args.dense:
-            results[shape]["dense"] = dense_comparison(op, inputs(t, h), total / 1e3,
-                                                       args.calls)
+            results[shape]["dense"] = dense_comparison(op, qkv, total / 1e3, args.calls)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(jax.devices()[0].device_kind), "density": args.density,

@@ -45,20 +45,12 @@ def test_dense_comparison_reports_both_speedups(monkeypatch):
     # GPU-free: the trace and the wall clock are replaced by drawn figures.
     rng = np.random.default_rng(1)
     dense_kernels = dict(zip(["cudnn_fprop", "transpose"], rng.uniform(100.0, 900.0, 2)))
-    walls = iter(rng.uniform(1e-4, 1e-2, 2))
-    op_wall, dense_wall = next(walls), None
+    op_wall, dense_wall = rng.uniform(1e-4, 1e-2, 2)
+    op = object()   # stands for the jitted PISA op; anything else timed is the dense one
     monkeypatch.setattr(profile_op, "kernel_times", lambda fn, args, calls: (dense_kernels, 0.0))
-
-    def fake_timeit(fn, *args):
-        nonlocal dense_wall
-        if dense_wall is None:
-            dense_wall = next(walls)
-            return op_wall
-        return dense_wall
-
-    monkeypatch.setattr(profile_op, "timeit", fake_timeit)
+    monkeypatch.setattr(profile_op, "timeit", lambda fn, *a: op_wall if fn is op else dense_wall)
     op_gpu_ms = float(rng.uniform(0.1, 1.0))
-    row = profile_op.dense_comparison(None, (), op_gpu_ms, calls=3)
+    row = profile_op.dense_comparison(op, (), op_gpu_ms, calls=3)
     dense_gpu_ms = sum(dense_kernels.values()) / 1e3
     assert row["dense_gpu_ms"] == pytest.approx(dense_gpu_ms)
     assert row["speedup_gpu_time"] == pytest.approx(dense_gpu_ms / op_gpu_ms)
