@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pisa_jax import cli, demo
+from pisa_jax import demo
+from models import cli
 
 
 def test_tile_major_order_is_a_permutation_with_8x8_tiles():

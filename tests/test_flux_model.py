@@ -190,7 +190,7 @@ def test_denoise_dense_steps_switch_attention_per_step():
 
 
 def test_pisa_jax_convert_command_runs_the_converter(tmp_path):
-    from pisa_jax import cli
+    from models import cli
     src = os.path.join(FIXTURES, "flux_schnell_bfl.safetensors")
     out = tmp_path / "schnell"
     assert cli.main(["convert", src, str(out), "--axes-dim", "4,6,6"]) == 0

@@ -22,75 +22,21 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import sys
-import tempfile
 from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from safetensors import safe_open
 
+from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles,
+                               atomic_folder, check_writable_output, fill_model, read_json,
+                               safetensors_files, write_sharded)
 from models.flux.config import FluxConfig
 from models.flux.model import Flux, default_policies
 
 BFL_PREFIX = "model.diffusion_model."
 FORMAT = "pisa-jax-flux"
-DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
-_SHARD_BYTES = 2 << 30
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted: what is wrong, by tensor name."""
-
-
-# ------------------------------------------------------------------------- reading
-
-class TensorFiles:
-    """Lazy access to the tensors of one or several safetensors files."""
-
-    def __init__(self, files: list[str], strip_prefix: str = ""):
-        self._where: dict[str, tuple[str, str]] = {}
-        self._handles = {}
-        for path in files:
-            with safe_open(path, framework="flax") as f:
-                for key in f.keys():
-                    name = key[len(strip_prefix):] if key.startswith(strip_prefix) else key
-                    self._where[name] = (path, key)
-
-    def names(self) -> set[str]:
-        return set(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        path, key = self._where[name]
-        return tuple(self._open(path).get_slice(key).get_shape())
-
-    def get(self, name: str) -> jax.Array:
-        path, key = self._where[name]
-        return self._open(path).get_tensor(key)
-
-    def _open(self, path):
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="flax").__enter__()
-        return self._handles[path]
-
-
-class TensorDict:
-    """The same interface over tensors already in memory (e.g. a diffusers state dict)."""
-
-    def __init__(self, tensors: dict, to_array: Callable = jnp.asarray):
-        self._tensors = tensors
-        self._to_array = to_array
-
-    def names(self) -> set[str]:
-        return set(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def get(self, name: str) -> jax.Array:
-        return self._to_array(self._tensors[name])
 
 
 def _source_kind(src: str) -> tuple[str, str]:
@@ -103,8 +49,7 @@ def _source_kind(src: str) -> tuple[str, str]:
         raise CheckpointError(f"no such file or folder: {src}")
     cfg = os.path.join(src, "config.json")
     if os.path.isfile(cfg):
-        with open(cfg) as f:
-            meta = json.load(f)
+        meta = read_json(cfg)
         return ("converted" if meta.get("format") == FORMAT else "diffusers"), src
     if os.path.isfile(os.path.join(src, "transformer", "config.json")):
         return "diffusers", os.path.join(src, "transformer")
@@ -113,26 +58,10 @@ def _source_kind(src: str) -> tuple[str, str]:
                           "a converted checkpoint")
 
 
-def _diffusers_files(folder: str) -> list[str]:
-    index = glob.glob(os.path.join(folder, "*.safetensors.index.json"))
-    if index:
-        with open(index[0]) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
-        if missing:
-            raise CheckpointError(f"{index[0]} names shards that are not there: {missing}")
-        return [os.path.join(folder, s) for s in shards]
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"no safetensors files in {folder}")
-    return files
-
-
 # ------------------------------------------------------------------ hyperparameters
 
 def config_from_diffusers(folder: str, axes_dim=None) -> FluxConfig:
-    with open(os.path.join(folder, "config.json")) as f:
-        c = json.load(f)
+    c = read_json(os.path.join(folder, "config.json"))
     if c.get("patch_size", 1) != 1:
         raise CheckpointError(f"only patch_size 1 (packed latents) is supported; got "
                               f"{c['patch_size']}")
@@ -245,8 +174,7 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
     """
     kind, path = _source_kind(src)
     if kind == "converted":
-        with open(os.path.join(path, "config.json")) as f:
-            meta = json.load(f)
+        meta = read_json(os.path.join(path, "config.json"))
         cfg = FluxConfig(**{k: v for k, v in meta.items() if k not in ("format", "dtype")})
         files = TensorFiles(sorted(glob.glob(os.path.join(path, "model-*.safetensors"))))
         recipe = {n: ([n], lambda x: x) for n in files.names()}
@@ -257,7 +185,7 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
         recipe = {n: ([n], lambda x: x) for n in files.names()}
         to_source = _flax_to_bfl
     else:
-        files = TensorFiles(_diffusers_files(path))
+        files = TensorFiles(safetensors_files(path))
         cfg = config_from_diffusers(path, axes_dim)
         recipe = _diffusers_recipe(cfg)
         to_source = _flax_to_bfl
@@ -314,43 +242,15 @@ def _planned_stream(files, recipe, to_source, cfg: FluxConfig, dtype):
 
 def convert(src: str, out: str, *, dtype=jnp.bfloat16, axes_dim=None, progress=print) -> str:
     """Converts SRC into the folder OUT (must not exist); returns OUT."""
-    if os.path.exists(out):
-        raise CheckpointError(f"output {out} already exists; remove it or choose another path")
+    check_writable_output(out)
     with jax.default_device(jax.devices("cpu")[0]):     # conversion needs no accelerator
-        return _convert(src, out, dtype=dtype, axes_dim=axes_dim, progress=progress)
-
-
-def _convert(src: str, out: str, *, dtype, axes_dim, progress) -> str:
-    from safetensors.flax import save_file
-    cfg, tensors = iter_converted(src, dtype=dtype, axes_dim=axes_dim)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
-        shard, size, n_shards, n_tensors = {}, 0, 0, 0
-
-        def flush():
-            nonlocal shard, size, n_shards
-            if shard:
-                n_shards += 1
-                save_file(shard, os.path.join(tmp, f"model-{n_shards:05d}.safetensors"))
-                shard, size = {}, 0
-
-        for name, x in tensors:
-            shard[name] = x
-            size += x.size * x.dtype.itemsize
-            n_tensors += 1
-            if size >= _SHARD_BYTES:
-                flush()
-                progress(f"  {n_tensors} tensors written")
-        flush()
-        meta = json.loads(cfg.to_json()) | {"format": FORMAT, "dtype": jnp.dtype(dtype).name}
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        cfg, tensors = iter_converted(src, dtype=dtype, axes_dim=axes_dim)
+        with atomic_folder(out) as tmp:
+            n_tensors, n_shards = write_sharded(tmp, tensors, progress=progress)
+            meta = json.loads(cfg.to_json()) | {"format": FORMAT,
+                                                "dtype": jnp.dtype(dtype).name}
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(meta, f, indent=1)
     progress(f"wrote {n_tensors} tensors in {n_shards} shard(s) to {out}")
     return out
 
@@ -375,36 +275,46 @@ def model_from_tensors(cfg: FluxConfig, tensors, *, dtype, policies) -> Flux:
     """A `Flux` whose parameters are filled from a (Flax path, array) stream."""
     abstract = nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), dtype=dtype,
                                            policies=policies))
-    graphdef, state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(state))
-    by_name = {".".join(map(str, p)): p for p in flat}
-    for name, x in tensors:
-        p = by_name[name]
-        flat[p] = flat[p].replace(x)
-    return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+    return fill_model(abstract, tensors)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.flux.convert",
-                                description="Convert FLUX.1 weights to pisa-jax's Flax layout.")
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="BFL single file, diffusers transformer or pipeline folder")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--axes-dim", default=None,
                    help="RoPE axes dims, e.g. 16,56,56 (default: from config, else 16,56,56)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    args = p.parse_args(argv)
+
+
+def register(sub) -> argparse.ArgumentParser:
+    """Adds the `convert` subcommand to an argparse subparsers object."""
+    p = sub.add_parser("convert", help="convert FLUX.1 weights to the Flax layout",
+                       description="Convert FLUX.1 weights to pisa-jax's Flax layout.")
+    _add_arguments(p)
+    p.set_defaults(func=lambda args: run(args, p))
+    return p
+
+
+def run(args, parser: argparse.ArgumentParser) -> int:
     axes = None
     if args.axes_dim:
         try:
             axes = tuple(int(a) for a in args.axes_dim.split(","))
         except ValueError:
-            p.error(f"--axes-dim: expected comma-separated integers, got {args.axes_dim!r}")
+            parser.error(f"--axes-dim: expected comma-separated integers, got {args.axes_dim!r}")
     try:
         convert(args.src, args.out, dtype=DTYPES[args.dtype], axes_dim=axes)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.flux.convert",
+                                description="Convert FLUX.1 weights to pisa-jax's Flax layout.")
+    _add_arguments(p)
+    return run(p.parse_args(argv), p)
 
 
 if __name__ == "__main__":
