@@ -1,0 +1,22 @@
+"""Wan2.1 text-to-video transformer (1.3B, 14B) in Flax NNX on PISA attention, with
+weight conversion and flow-matching sampling."""
+
+import jax.numpy as jnp
+
+from models.wan.config import DEFAULT_TILE, WAN_T2V_1_3B, WAN_T2V_14B, WanConfig
+from models.wan.model import Wan, default_policies
+from models.wan.sampling import FLOW_SHIFT, denoise, euler_step, schedule
+
+__all__ = ["DEFAULT_TILE", "FLOW_SHIFT", "WAN_T2V_14B", "WAN_T2V_1_3B", "Wan", "WanConfig",
+           "default_policies", "denoise", "euler_step", "load_wan", "schedule"]
+
+
+def load_wan(path, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None, tile=None,
+             num_heads=None, **policy_options):
+    """Loads a converted checkpoint, or an official / diffusers one (converted in memory).
+
+    See `models.wan.convert.load_wan` for the arguments.
+    """
+    from models.wan.convert import load_wan as _load
+    return _load(path, dtype=dtype, attention=attention, policies=policies, tile=tile,
+                 num_heads=num_heads, **policy_options)

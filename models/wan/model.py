@@ -1,0 +1,153 @@
+"""The Wan2.1 text-to-video transformer in Flax NNX, attending through pisa_jax."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from models.wan.config import DEFAULT_TILE, WanConfig
+from models.wan.layers import (Head, PatchEmbedding, WanAttentionBlock, _gelu, _linear,
+                               rope_angles, timestep_embedding)
+from pisa_jax.nn import DENSE, AttentionPolicy, layer_policies
+from pisa_jax.tokens import check_tile, tile_order
+
+# Tile of one block per block size; 128-token blocks take two 64-token tiles side by side.
+DEFAULT_TILES = {64: DEFAULT_TILE, 128: DEFAULT_TILE[:2] + (2 * DEFAULT_TILE[2],)}
+
+
+def default_policies(config: WanConfig, attention: str = "pisa", **options) -> tuple:
+    """Per-layer self-attention policies: "pisa" is the published setting (first 4 layers
+    dense, then density 0.15 with biased selection; a model with fewer layers is all
+    dense unless `dense_layers` says otherwise); "dense" makes every layer dense."""
+    n = config.num_attention_layers
+    if attention == "dense":
+        return (DENSE,) * n
+    if attention != "pisa":
+        raise ValueError(f"attention must be 'pisa' or 'dense'; got {attention!r}")
+    return layer_policies(n, **({"dense_layers": min(4, n)} | options))
+
+
+def _f32_linear(lin: nnx.Linear, x: jax.Array) -> jax.Array:
+    """A linear layer in float32 whatever its parameters' dtype (the time embedding path)."""
+    return x @ lin.kernel[...].astype(jnp.float32) + lin.bias[...].astype(jnp.float32)
+
+
+class Wan(nnx.Module):
+    """Wan2.1 transformer (text-to-video), with diffusers' channels-first interface.
+
+    `policies` gives one `AttentionPolicy` per block's self-attention (cross-attention is
+    always dense); by default the published PISA setting. When any layer uses PISA, the
+    video tokens are put in tile-major order at the input, each block of `block_size`
+    tokens a `tile` (frames, height, width) of the latent grid with the full tiles first
+    (`pisa_jax.tokens.tile_order`), the rotary table with them, and back in raster order
+    at the output; the transformer is equivariant to that permutation.
+    """
+
+    def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
+                 policies: Sequence[AttentionPolicy] | None = None,
+                 tile: Sequence[int] | None = None):
+        if config.image_dim is not None:
+            raise NotImplementedError("image-to-video (config.image_dim set) is not "
+                                      "implemented yet; only text-to-video")
+        policies = tuple(policies) if policies is not None else default_policies(config)
+        if len(policies) != config.num_attention_layers:
+            raise ValueError(f"policies must hold one entry per self-attention layer "
+                             f"({config.num_attention_layers}); got {len(policies)}")
+        self.config = config
+        self.block_size = min((p.block_size for p in policies if p.kind == "pisa"), default=0)
+        if tile is None:
+            tile = DEFAULT_TILES.get(self.block_size, DEFAULT_TILE)
+        self.tile = check_tile(tile, self.block_size or None)
+        if len(self.tile) != 3:
+            raise ValueError(f"tile must be (frames, height, width); got {self.tile}")
+        c, dim = config, config.dim
+        lin = lambda i, o: _linear(i, o, rngs, dtype)
+        self.patch_embedding = PatchEmbedding(c.in_channels, dim, c.patch_size, rngs=rngs,
+                                              dtype=dtype)
+        self.text_embedding = nnx.Dict({"0": lin(c.text_dim, dim), "2": lin(dim, dim)})
+        self.time_embedding = nnx.Dict({"0": lin(c.freq_dim, dim), "2": lin(dim, dim)})
+        self.time_projection = nnx.Dict({"1": lin(dim, 6 * dim)})
+        self.blocks = nnx.List([
+            WanAttentionBlock(dim, c.ffn_dim, c.num_heads, c.eps, c.qk_norm, c.cross_attn_norm,
+                              policies[i], rngs=rngs, dtype=dtype) for i in range(c.num_layers)])
+        self.head = Head(dim, c.out_channels * math.prod(c.patch_size), c.eps, rngs=rngs,
+                         dtype=dtype)
+
+    def token_order(self, grid: tuple[int, int, int], dense: bool = False) -> np.ndarray | None:
+        """Raster index of each token in the order the blocks see (None: raster order)."""
+        if not self.block_size or dense:
+            return None
+        return tile_order(grid, self.tile)
+
+    def __call__(
+        self,
+        hidden_states: Float[Array, "b c f h w"],
+        timestep: Float[Array, "b"],
+        encoder_hidden_states: Float[Array, "b l text_dim"],
+        *,
+        dense: bool = False,
+    ) -> Float[Array, "b c_out f h w"]:
+        """Predicted flow `[B, C_out, F, H, W]` (float32) for video latents `hidden_states`.
+
+        `timestep` is on the 0-1000 scale; `encoder_hidden_states` are the text encoder's
+        states (umT5, zero-padded to 512 tokens in Wan's pipeline). `dense=True` runs
+        every self-attention dense for this call (e.g. early sampling steps). Raises
+        ValueError for inputs of the wrong rank or shape.
+        """
+        c = self.config
+        self._check_inputs(hidden_states, timestep, encoder_hidden_states)
+        b = hidden_states.shape[0]
+        x = self.patch_embedding(hidden_states)                  # [B, F', H', W', dim]
+        grid = x.shape[1:4]
+        x = x.reshape(b, -1, c.dim).astype(jnp.float32)
+        positions = np.stack(np.unravel_index(np.arange(x.shape[1]), grid), axis=-1)
+        order = self.token_order(grid, dense)
+        if order is not None:
+            x, positions = x[:, order], positions[order]
+        angles = rope_angles(jnp.asarray(positions, jnp.int32), c.rope_dims, c.theta)
+        rope = (jnp.cos(angles), jnp.sin(angles))
+
+        t = timestep_embedding(timestep, c.freq_dim)
+        e = _f32_linear(self.time_embedding["2"],
+                        jax.nn.silu(_f32_linear(self.time_embedding["0"], t)))
+        e0 = _f32_linear(self.time_projection["1"], jax.nn.silu(e)).reshape(b, 6, c.dim)
+        dtype = self.text_embedding["0"].kernel.dtype
+        context = self.text_embedding["2"](_gelu(self.text_embedding["0"](
+            encoder_hidden_states.astype(dtype))))
+
+        for block in self.blocks:
+            x = block(x, e0, context, rope, dense=dense)
+        out = self.head(x, e).astype(jnp.float32)               # [B, L, pt*ph*pw*C]
+        if order is not None:
+            out = out[:, np.argsort(order)]
+        return self._unpatchify(out, grid)
+
+    def _unpatchify(self, x, grid):
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1)
+        x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
+
+    def _check_inputs(self, hidden_states, timestep, encoder_hidden_states):
+        c = self.config
+        if hidden_states.ndim != 5 or hidden_states.shape[1] != c.in_channels:
+            raise ValueError(f"hidden_states must have shape [B, {c.in_channels}, F, H, W]; got "
+                             f"{list(hidden_states.shape)}")
+        b, _, *sizes = hidden_states.shape
+        if any(s % p or s == 0 for s, p in zip(sizes, c.patch_size)):
+            raise ValueError(f"hidden_states' F, H, W must be positive multiples of the patch "
+                             f"size {list(c.patch_size)}; got {sizes}")
+        if tuple(timestep.shape) != (b,):
+            raise ValueError(f"timestep must have shape [{b}] (one per batch entry); got "
+                             f"{list(timestep.shape)}")
+        eh = encoder_hidden_states
+        if eh.ndim != 3 or eh.shape[0] != b or eh.shape[2] != c.text_dim or eh.shape[1] == 0:
+            raise ValueError(f"encoder_hidden_states must have shape [{b}, L, {c.text_dim}] "
+                             f"with L >= 1; got {list(eh.shape)}")

@@ -1,0 +1,180 @@
+"""The Flax Wan2.1 model: attention policies, 3D token order, input checks, sampling."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import pisa_jax.nn as pnn
+from models.wan import Wan, WanConfig, denoise, schedule
+from models.wan.config import WAN_T2V_1_3B, WAN_T2V_14B
+from pisa_jax import layer_policies
+from tests.helpers import relative_error
+
+TINY = WanConfig(dim=32, num_heads=2, num_layers=3, ffn_dim=64, text_dim=24, freq_dim=32)
+TILE16 = (2, 2, 4)          # one 16-token block
+
+
+def _inputs(seed=0, b=2, f=3, h=10, w=14, n_txt=5):
+    rng = np.random.default_rng(seed)
+    return dict(hidden_states=rng.standard_normal((b, 16, f, h, w)).astype(np.float32),
+                timestep=rng.uniform(0, 1000, b).astype(np.float32),
+                encoder_hidden_states=rng.standard_normal((b, n_txt, 24)).astype(np.float32))
+
+
+def _model(policies, tile=TILE16, seed=0):
+    return Wan(TINY, rngs=nnx.Rngs(seed), dtype=jnp.float32, policies=policies, tile=tile)
+
+
+def _pisa(density, dense_layers=0, **kw):
+    return layer_policies(3, dense_layers=dense_layers, density=density, block_size=16, **kw)
+
+
+def test_released_configs_split_the_head_dim_like_the_official_code():
+    assert WAN_T2V_14B.head_dim == 128 and WAN_T2V_14B.rope_dims == (44, 42, 42)
+    assert WAN_T2V_1_3B.head_dim == 128 and WAN_T2V_1_3B.num_layers == 30
+    assert TINY.rope_dims == (8, 4, 4)
+    with pytest.raises(ValueError, match=r"dim \(30\) must be a multiple of num_heads \(4\)"):
+        WanConfig(dim=30, num_heads=4)
+    with pytest.raises(NotImplementedError, match="image-to-video"):
+        Wan(WanConfig(dim=32, num_heads=2, num_layers=1, ffn_dim=8, image_dim=1280),
+            rngs=nnx.Rngs(0), policies=(pnn.DENSE,))
+
+
+def test_pisa_at_density_one_equals_dense_model_so_tokens_and_rope_are_restored():
+    io = _inputs()                      # 3 x 5 x 7 token grid: partial 2x2x4 tiles
+    dense = _model((pnn.DENSE,) * 3)(**io)
+    full = _model(_pisa(1.0))(**io)
+    assert full.shape == (2, 16, 3, 10, 14) and full.dtype == jnp.float32
+    assert relative_error(full, dense) < 1e-5
+    sparse = _model(_pisa(0.3))(**io)
+    assert 1e-4 < relative_error(sparse, dense) < 1.0            # approximates, not equals
+
+
+def test_policy_reaches_the_attention_calls_it_claims(monkeypatch):
+    calls = []
+    real_pisa, real_dense = pnn.piecewise_sparse_attention, pnn.dense_attention
+
+    def spy_pisa(q, k, v, **kw):
+        calls.append(("pisa", q.shape, k.shape, kw))
+        return real_pisa(q, k, v, **kw)
+
+    def spy_dense(q, k, v, **kw):
+        calls.append(("dense", q.shape, k.shape, kw))
+        return real_dense(q, k, v, **kw)
+
+    monkeypatch.setattr(pnn, "piecewise_sparse_attention", spy_pisa)
+    monkeypatch.setattr(pnn, "dense_attention", spy_dense)
+    model = _model(_pisa(0.4, dense_layers=1, order=0))
+    io = _inputs()
+    model(**io)
+    # Per block: self-attention (its policy), then cross-attention to 5 text tokens (dense).
+    assert [c[0] for c in calls] == ["dense", "dense", "pisa", "dense", "pisa", "dense"]
+    for kind, q, k, kw in calls:
+        assert kw["layout"] == "bthd" and q == (2, 105, 2, 16)
+        assert k[1] == (5 if k != q else 105)
+        if kind == "pisa":
+            assert kw["density"] == 0.4 and kw["order"] == 0 and kw["use_bias"] is True
+            assert kw["block_size"] == 16 and kw["forced_blocks"] is None
+    assert [c[2][1] for c in calls] == [105, 5] * 3
+    calls.clear()
+    model(**io, dense=True)
+    assert [c[0] for c in calls] == ["dense"] * 6
+
+
+def test_blocks_see_compact_tiles(monkeypatch):
+    seen = []
+    real = pnn.piecewise_sparse_attention
+    monkeypatch.setattr(pnn, "piecewise_sparse_attention",
+                        lambda q, k, v, **kw: seen.append(1) or real(q, k, v, **kw))
+    model = _model(_pisa(0.5), tile=(2, 2, 4))
+    order = model.token_order((3, 5, 7))
+    coords = np.stack(np.unravel_index(order, (3, 5, 7)), -1)
+    first = coords[:16]                                  # the first block: one 2x2x4 tile
+    assert (first.max(0) - first.min(0) + 1).tolist() == [2, 2, 4]
+    assert model.token_order((3, 5, 7), dense=True) is None
+    model(**_inputs())
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match=r"tile \(4, 4, 4\) holds 64 tokens; one block holds 16"):
+        _model(_pisa(0.5), tile=(4, 4, 4))
+
+
+def test_model_runs_under_jit():
+    model = _model(_pisa(0.5, dense_layers=1))
+    io = _inputs()
+    eager = model(**io)
+    jitted = nnx.jit(lambda m, io: m(**io))(model, io)
+    assert relative_error(jitted, eager) < 1e-5
+
+
+def test_bad_model_inputs_are_named():
+    model = _model((pnn.DENSE,) * 3)
+    io = _inputs()
+    with pytest.raises(ValueError, match=r"hidden_states must have shape \[B, 16, F, H, W\]; "
+                                         r"got \[2, 8, 3, 10, 14\]"):
+        model(**(io | {"hidden_states": io["hidden_states"][:, :8]}))
+    with pytest.raises(ValueError, match=r"multiples of the patch size \[1, 2, 2\]; got \[3, 9, 14\]"):
+        model(**(io | {"hidden_states": io["hidden_states"][:, :, :, :9]}))
+    with pytest.raises(ValueError, match=r"timestep must have shape \[2\]"):
+        model(**(io | {"timestep": io["timestep"][:1]}))
+    with pytest.raises(ValueError, match=r"encoder_hidden_states must have shape \[2, L, 24\]"):
+        model(**(io | {"encoder_hidden_states": io["encoder_hidden_states"][..., :20]}))
+    with pytest.raises(ValueError, match="one entry per self-attention layer"):
+        _model((pnn.DENSE,) * 2)
+
+
+def test_schedule_is_shifted_towards_one():
+    np.testing.assert_allclose(schedule(4, shift=1.0), [1, 0.75, 0.5, 0.25, 0])
+    s = schedule(4, shift=3.0)
+    np.testing.assert_allclose(s, [3 * x / (1 + 2 * x) for x in (1, 0.75, 0.5, 0.25, 0)],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="num_steps must be >= 1; got 0"):
+        schedule(0)
+
+
+def test_sampling_compiles_one_step_per_mode_and_guides(monkeypatch):
+    traces = []
+    real_call = Wan.__call__
+
+    def counting_call(self, *a, **kw):
+        traces.append(kw.get("dense"))
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(Wan, "__call__", counting_call)
+    model = _model(_pisa(0.3))
+    io = _inputs(seed=4, b=1, f=2, h=8, w=8)
+    x, ctx = io["hidden_states"], io["encoder_hidden_states"]
+    neg = np.random.default_rng(9).standard_normal(ctx.shape).astype(np.float32)
+    sig = schedule(4, shift=3.0)
+    steps = []
+    out = denoise(model, x, ctx, sig, negative_context=neg, guidance_scale=4.0, dense_steps=1,
+                  progress=lambda i, n: steps.append(i))
+    assert steps == [1, 2, 3, 4] and out.shape == x.shape
+    assert traces == [True, False]                      # one trace per attention mode
+    denoise(model, x, ctx, sig, negative_context=neg, guidance_scale=2.0, dense_steps=1)
+    assert traces == [True, False]                      # reused across calls and scales
+    # The guided step by hand: v = v_u + g (v_c - v_u) from one batched 2B forward.
+    monkeypatch.setattr(Wan, "__call__", real_call)
+    one = denoise(model, x, ctx, sig[:2], negative_context=neg, guidance_scale=4.0)
+    t = np.full((1,), 1000 * sig[0], np.float32)
+    v_c, v_u = model(x, t, ctx), model(x, t, neg)
+    expected = x + (sig[1] - sig[0]) * (v_u + 4.0 * (v_c - v_u))
+    assert relative_error(one, expected) < 1e-5
+    with pytest.raises(ValueError, match="negative_context must have the shape of context"):
+        denoise(model, x, ctx, sig, negative_context=neg[:, :3])
+
+
+def test_benchmark_runs_at_toy_sizes(tmp_path):
+    from benchmarks import wan as bench
+    bench.main(["--tiny", "--reps", "1", "--no-diffusers", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "wan.json").read_text())
+    r = res["shapes"]["tiny"]
+    assert r["tokens"] == 3 * 6 * 8 and r["dense_ms"] > 0 and r["pisa_ms"] > 0
+    assert 0 < r["pisa_vs_dense_rel"] < 1 and r["attention_share_of_dense"] > 0
+    errors = res["tile_errors"]["tiny 3x6x8"]
+    assert set(errors) == {"length 3", "length 8", "length 1.5,4,4", "length 8,3,3"}
+    assert all(0 < e < 1 for row in errors.values() for e in row.values())
