@@ -10,13 +10,14 @@ from pisa_jax import cli as attention_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.flux import convert
+    from models.flux import convert, generate
     parser = argparse.ArgumentParser(
         prog="pisa-jax", description="Piecewise sparse attention (PISA) for diffusion "
                                      "transformers in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     attention_cli.register(sub)
     convert.register(sub)
+    generate.register(sub)
     return parser
 
 

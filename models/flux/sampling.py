@@ -1,40 +1,118 @@
-"""Flow-matching sampling for FLUX.1 as plain functions: a time schedule and an Euler loop.
+"""Flow-matching sampling for FLUX.1 as plain functions: the time schedule and Euler steps.
 
-The loop can run its first `dense_steps` steps with dense attention (the PISA paper keeps
-the first few steps dense) and the rest with each layer's policy.
+`schedule` gives the sigmas of diffusers' `FlowMatchEulerDiscreteScheduler` as
+`FluxPipeline` configures it, computed the same way (float32). `euler_loop` is the
+traceable loop the pipeline compiles once (two `fori_loop`s: the first `dense_steps`
+steps with dense attention, then the rest with each layer's policy). `denoise` runs the
+steps one by one from the host with one compiled step function, for callers that hold a
+bare `Flux` model.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float
 
 
 def schedule(num_steps: int, image_tokens: int, *, shift: bool = True,
-             base_shift: float = 0.5, max_shift: float = 1.15) -> np.ndarray:
-    """`num_steps + 1` times from 1 to 0.
+             base_shift: float = 0.5, max_shift: float = 1.15, base_tokens: int = 256,
+             max_tokens: int = 4096, constant_shift: float = 1.0) -> np.ndarray:
+    """`num_steps + 1` sigmas (float32) from 1 down to 0, as diffusers computes them.
 
-    With `shift` (FLUX.1-dev), times are bent towards 1 by `mu`, which grows linearly in
-    the number of image tokens from `base_shift` at 256 tokens to `max_shift` at 4096:
-    `t -> e^mu / (e^mu + 1/t - 1)`. FLUX.1-schnell uses `shift=False`.
+    The sigmas start as `linspace(1, 1/num_steps, num_steps)`. With `shift` (FLUX.1-dev,
+    `use_dynamic_shifting`), they are bent towards 1 by `mu`, which is linear in the number
+    of image tokens (`base_shift` at `base_tokens`, `max_shift` at `max_tokens`):
+    `s -> e^mu / (e^mu + 1/s - 1)`. Without it (FLUX.1-schnell) the constant shift
+    `s -> c s / (1 + (c - 1) s)` applies (`constant_shift=1`: none). A final 0 is appended.
+
+    Raises ValueError for `num_steps < 1` or `image_tokens < 1`.
     """
-    if num_steps < 1:
+    if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    t = np.linspace(1.0, 0.0, num_steps + 1)
+    if image_tokens < 1:
+        raise ValueError(f"image_tokens must be >= 1; got {image_tokens}")
+    sigmas = np.linspace(1.0, 1.0 / num_steps, int(num_steps)).astype(np.float32)
     if shift:
-        mu = base_shift + (max_shift - base_shift) * (image_tokens - 256) / (4096 - 256)
-        with np.errstate(divide="ignore"):
-            t = np.where(t > 0, math.exp(mu) / (math.exp(mu) + 1.0 / np.maximum(t, 1e-12) - 1.0), 0.0)
-    return t.astype(np.float32)
+        slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+        mu = image_tokens * slope + (base_shift - slope * base_tokens)
+        sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+    else:
+        sigmas = constant_shift * sigmas / (1 + (constant_shift - 1) * sigmas)
+    return np.append(sigmas.astype(np.float32), np.float32(0.0))
+
+
+def euler_loop(velocity: Callable, img: Float[Array, "b l c"], sigmas: Float[Array, "n1"],
+               *, dense_steps: int = 0, on_step: Callable | None = None
+               ) -> Float[Array, "b l c"]:
+    """Euler steps `img += (sigmas[i+1] - sigmas[i]) * velocity(img, sigmas[i], dense)`.
+
+    Traceable (call it under `jax.jit`); the number of steps is `len(sigmas) - 1`.
+    `velocity(img, sigma [B], dense: bool)` is traced once per value of `dense`: the
+    first `dense_steps` steps run in one `fori_loop` with `dense=True`, the rest in a
+    second one with `dense=False`. `img` stays float32; `on_step(i)` (optional) is
+    called inside the loop with the index of the step just done (e.g. through
+    `jax.debug.callback`).
+    """
+    n = sigmas.shape[0] - 1
+    if not 0 <= dense_steps <= n:
+        raise ValueError(f"dense_steps must be in [0, {n}] (the number of steps); got "
+                         f"{dense_steps}")
+    b = img.shape[0]
+    img = img.astype(jnp.float32)
+
+    def body(dense):
+        def step(i, x):
+            t = jnp.full((b,), sigmas[i], jnp.float32)
+            v = velocity(x, t, dense).astype(jnp.float32)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            if on_step is not None:
+                on_step(i)
+            return x
+        return step
+
+    if dense_steps:
+        img = jax.lax.fori_loop(0, dense_steps, body(True), img)
+    if dense_steps < n:
+        img = jax.lax.fori_loop(dense_steps, n, body(False), img)
+    return img
+
+
+def pack_latents(z: Float[Array, "b h w c"]) -> Float[Array, "b l c4"]:
+    """`[B, h, w, C]` (channels last) -> `[B, (h/2)(w/2), 4C]`, diffusers' and BFL's
+    packing: each token is a 2x2 patch, features ordered (channel, dy, dx)."""
+    b, h, w, c = z.shape
+    z = z.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+    return z.reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(x: Float[Array, "b l c4"], h: int, w: int) -> Float[Array, "b h w c"]:
+    """Inverse of `pack_latents`: `[B, (h/2)(w/2), 4C]` -> `[B, h, w, C]`."""
+    b, _, c4 = x.shape
+    x = x.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h, w, c4 // 4)
+
+
+def image_ids(rows: int, cols: int) -> np.ndarray:
+    """`[rows*cols, 3]` float32 ids (0, row, col) of the packed tokens, in raster order."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return np.stack([np.zeros_like(r), r, c], -1).astype(np.float32)
+
+
+@nnx.jit(static_argnames="dense")
+def _step(model, img, img_ids, txt, txt_ids, t, y, guidance, dt, *, dense):
+    v = model(img, img_ids, txt, txt_ids, t, y, guidance, dense=dense)
+    return img + dt * v.astype(img.dtype)
 
 
 def denoise(model, img, img_ids, txt, txt_ids, y, times, *, guidance=None,
             dense_steps: int = 0, progress=None) -> jax.Array:
-    """Euler steps of the velocity field from `times[0]` to `times[-1]`.
+    """Euler steps of the velocity field from `times[0]` to `times[-1]`, one by one.
 
     Args:
       model: a `models.flux.Flux`.
@@ -42,18 +120,21 @@ def denoise(model, img, img_ids, txt, txt_ids, y, times, *, guidance=None,
       times: the schedule, e.g. `schedule(num_steps, L_img)`.
       guidance: raw guidance scale, a float or `[B]` (dev), None for schnell.
       dense_steps: how many first steps attend densely in every layer.
-      progress: optional callable `progress(step, num_steps)`.
+      progress: optional callable `progress(step, num_steps)`, called after each step.
+
+    The step function is compiled once per shape and reused across calls; for a loop
+    compiled as a whole, use `models.flux.FluxPipeline` or `euler_loop`.
     """
     b = img.shape[0]
     if guidance is not None:
         guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
-    step = nnx.jit(lambda m, x, t, dense: m(x, img_ids, txt, txt_ids, t, y, guidance,
-                                             dense=dense), static_argnums=3)
+    img = jnp.asarray(img, jnp.float32)
+    times = np.asarray(times, np.float32)
     n = len(times) - 1
     for i in range(n):
         t = jnp.full((b,), times[i], jnp.float32)
-        v = step(model, img, t, i < dense_steps)
-        img = img + (times[i + 1] - times[i]) * v.astype(img.dtype)
+        img = _step(model, img, img_ids, txt, txt_ids, t, y, guidance,
+                    jnp.float32(times[i + 1] - times[i]), dense=i < dense_steps)
         if progress is not None:
             progress(i + 1, n)
     return img

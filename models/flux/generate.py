@@ -1,0 +1,306 @@
+"""`pisa-jax generate` (prompt -> PNG) and `pisa-jax compare` (dense vs PISA, side by side).
+
+    pisa-jax generate "a red fox in the snow" --model FLUX.1-dev --out fox.png
+    pisa-jax compare "a red fox" "a lighthouse" --model FLUX.1-dev --out grid.png --seeds 0,1
+
+`generate` shows a progress bar over the steps (reported from inside the compiled loop
+through `jax.debug.callback`), prints a line of timings (load, compile, text encoding,
+denoising, decoding) and writes the PNG atomically, with the prompt, seed, steps,
+guidance, attention settings and model in its text chunks. With `--batch N` it writes
+`out-0.png` ... `out-{N-1}.png`, image i from seed `--seed + i`.
+
+`compare` runs every prompt and seed twice with one pipeline: dense (every layer, every
+step) and PISA, and saves a grid (one row per prompt and seed; columns dense | PISA |
+4 x |PISA - dense|). It prints the PSNR and SSIM of each PISA image against its dense one
+and their means. SSIM is the usual one (Wang et al. 2004): 11x11 Gaussian window with
+sigma 1.5, K1 = 0.01, K2 = 0.03, images in [0, 1], valid positions only, averaged over
+the color channels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+
+from models.checkpoint import DTYPES, CheckpointError
+
+
+# ----------------------------------------------------------------- image metrics
+
+def psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] (inf for identical images)."""
+    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """Normalised 1D Gaussian weights; the 2D window is their outer product."""
+    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def _filter(img: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Separable valid-mode weighted sum over the first two axes of `[H, W, C]`."""
+    k = len(g)
+    rows = sum(g[i] * img[i:img.shape[0] - k + 1 + i] for i in range(k))
+    return sum(g[j] * rows[:, j:rows.shape[1] - k + 1 + j] for j in range(k))
+
+
+def ssim(x: np.ndarray, ref: np.ndarray, *, size: int = 11, sigma: float = 1.5,
+         k1: float = 0.01, k2: float = 0.03, data_range: float = 1.0) -> float:
+    """Mean structural similarity of two `[H, W]` or `[H, W, C]` images (1 when equal).
+
+    Raises ValueError for different shapes or images smaller than the window.
+    """
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    if x.shape != ref.shape:
+        raise ValueError(f"images must have the same shape; got {x.shape} and {ref.shape}")
+    if x.ndim == 2:
+        x, ref = x[..., None], ref[..., None]
+    if x.ndim != 3 or min(x.shape[:2]) < size:
+        raise ValueError(f"images must be [H, W] or [H, W, C] with H, W >= {size}; got "
+                         f"{x.shape}")
+    g = gaussian_window(size, sigma)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mx, my = _filter(x, g), _filter(ref, g)
+    vx = _filter(x * x, g) - mx * mx
+    vy = _filter(ref * ref, g) - my * my
+    cov = _filter(x * ref, g) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+# -------------------------------------------------------------------- writing
+
+def check_output_file(out: str) -> None:
+    """Fails before any work when `out` is not a .png in a folder we may write in."""
+    if not out.lower().endswith(".png"):
+        raise ValueError(f"--out must end in .png; got {out}")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; give a file name ending in .png")
+    probe = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out}: {probe} is not a folder we may write in")
+    if os.path.exists(out) and not os.access(out, os.W_OK):
+        raise ValueError(f"cannot write {out}: the file exists and is read-only")
+
+
+def save_png(image, out: str, text: dict[str, str]) -> None:
+    """Writes a PIL image to `out` with PNG text chunks, atomically (temp file, rename)."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k, v in text.items():
+        info.add_text(k, str(v))
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def output_names(out: str, n: int) -> list[str]:
+    if n == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}-{i}{ext}" for i in range(n)]
+
+
+# ------------------------------------------------------------------- commands
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="FLUX.1 pipeline folder (diffusers layout; transformer/ may be a "
+                        "converted checkpoint)")
+    p.add_argument("--transformer", help="transformer file or folder replacing "
+                                         "MODEL/transformer (e.g. flux1-dev.safetensors)")
+    p.add_argument("--vae", help="autoencoder file or folder replacing MODEL/vae "
+                                 "(e.g. ae.safetensors)")
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels, a "
+                                                            "multiple of 16 (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels, a "
+                                                           "multiple of 16 (default 1024)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default 50 for dev, 4 for schnell)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale for dev (default 3.5; schnell ignores it)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 tokens (default 512 for dev, 256 for schnell)")
+    p.add_argument("--density", type=float, default=None,
+                   help="PISA density, the fraction of key blocks computed exactly "
+                        "(default 0.15, the published setting)")
+    p.add_argument("--dense-layers", type=int, default=None,
+                   help="first attention layers kept dense in every step (default 4, the "
+                        "published setting)")
+    p.add_argument("--dense-steps", type=int, default=0,
+                   help="first sampling steps run dense in every layer (default 0)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="parameter and compute dtype (default bf16)")
+
+
+def _load(args, attention: str):
+    import time
+    from models.flux.pipeline import FluxPipeline
+    options = {}
+    if attention == "pisa":
+        options = {k: v for k, v in (("density", args.density),
+                                     ("dense_layers", args.dense_layers)) if v is not None}
+    t0 = time.perf_counter()
+    pipe = FluxPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
+                                        attention=attention, transformer=args.transformer,
+                                        vae=args.vae, **options)
+    return pipe, time.perf_counter() - t0
+
+
+def _generate(pipe, prompts, seeds, args, *, dense_steps, desc):
+    from tqdm import tqdm
+    steps = args.steps or (50 if pipe.is_dev else 4)
+    bars = []
+
+    def progress(done):
+        if not bars:          # opened at the first step, so compiling is not counted in
+            bars.append(tqdm(total=steps, desc=desc, unit="step"))
+        bars[0].update(done - bars[0].n)
+        if done == steps:
+            bars[0].close()   # before decoding, so its time is not the loop's
+    try:
+        images = pipe(prompts, height=args.height, width=args.width, num_inference_steps=steps,
+                      guidance_scale=args.guidance, seed=seeds,
+                      max_sequence_length=args.max_sequence_length,
+                      dense_steps=dense_steps, output_type="np", progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    return images, steps
+
+
+def _timing_line(load_s: float, timings: dict, steps: int) -> str:
+    return (f"timings: load {load_s:.1f} s, compile {timings['compile']:.1f} s, text encoding "
+            f"{timings['text_encoding']:.2f} s, denoising {timings['denoising']:.2f} s "
+            f"({timings['denoising'] / steps:.3f} s/step), decoding "
+            f"{timings['decoding']:.2f} s")
+
+
+def run_generate(args) -> int:
+    from models.flux.pipeline import to_pil
+    check_output_file(args.out)
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1; got {args.batch}")
+    pipe, load_s = _load(args, args.attention)
+    seeds = [args.seed + i for i in range(args.batch)]
+    images, steps = _generate(pipe, [args.prompt] * args.batch, seeds, args,
+                              dense_steps=args.dense_steps, desc="denoising")
+    print(_timing_line(load_s, pipe.last_timings, steps))
+    for image, seed, out in zip(to_pil(images), seeds, output_names(args.out, args.batch)):
+        save_png(image, out, {
+            "prompt": args.prompt, "seed": seed, "steps": steps,
+            "guidance": (args.guidance if args.guidance is not None else 3.5)
+            if pipe.is_dev else "none (schnell)",
+            "height": args.height, "width": args.width, "attention": args.attention,
+            "density": (args.density if args.density is not None else 0.15)
+            if args.attention == "pisa" else "n/a",
+            "dense_layers": (args.dense_layers if args.dense_layers is not None else 4)
+            if args.attention == "pisa" else "n/a",
+            "dense_steps": args.dense_steps, "model": os.path.abspath(args.model),
+            "transformer": args.transformer or "", "dtype": args.dtype,
+            "variant": "dev" if pipe.is_dev else "schnell", "software": "pisa-jax"})
+        print(f"wrote {out}")
+    return 0
+
+
+def run_compare(args) -> int:
+    from PIL import Image
+    check_output_file(args.out)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") \
+            from None
+    pipe, load_s = _load(args, "pisa")
+    prompts = [p for p in args.prompts for _ in seeds]
+    all_seeds = [s for _ in args.prompts for s in seeds]
+    steps = args.steps or (50 if pipe.is_dev else 4)
+    dense, _ = _generate(pipe, prompts, all_seeds, args, dense_steps=steps, desc="dense")
+    print(_timing_line(load_s, pipe.last_timings, steps))
+    sparse, _ = _generate(pipe, prompts, all_seeds, args, dense_steps=args.dense_steps,
+                          desc="PISA")
+    print(_timing_line(load_s, pipe.last_timings, steps))
+    rows, scores = [], []
+    for prompt, seed, d, s in zip(prompts, all_seeds, dense, sparse):
+        scores.append((psnr(s, d), ssim(s, d)))
+        print(f"seed {seed:>4}  PSNR {scores[-1][0]:6.2f} dB  SSIM {scores[-1][1]:.4f}  "
+              f"{prompt}")
+        rows.append(np.concatenate([d, s, np.clip(4 * np.abs(s - d), 0, 1)], axis=1))
+    p_mean, s_mean = np.mean([p for p, _ in scores]), np.mean([s for _, s in scores])
+    print(f"mean       PSNR {p_mean:6.2f} dB  SSIM {s_mean:.4f}  (PISA against dense, "
+          f"{len(scores)} images)")
+    grid = Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8))
+    save_png(grid, args.out, {
+        "prompts": " | ".join(args.prompts), "seeds": args.seeds, "steps": steps,
+        "columns": "dense | PISA | 4 x abs diff", "rows": "prompts x seeds",
+        "density": args.density if args.density is not None else 0.15,
+        "dense_layers": args.dense_layers if args.dense_layers is not None else 4,
+        "dense_steps": args.dense_steps, "model": os.path.abspath(args.model),
+        "mean_psnr": f"{p_mean:.3f}", "mean_ssim": f"{s_mean:.5f}", "software": "pisa-jax"})
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _guarded(fn):
+    """Errors as one line and exit status 1; warnings as one line each."""
+    def show(message, *_, **__):
+        print(f"warning: {message}", file=sys.stderr)
+
+    def run(args) -> int:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            try:
+                return fn(args)
+            except (CheckpointError, ValueError, TypeError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+    return run
+
+
+def register(sub) -> None:
+    """Adds the `generate` and `compare` subcommands to an argparse subparsers object."""
+    g = sub.add_parser("generate", help="FLUX.1 text-to-image: prompt -> PNG",
+                       description="Generate an image from a prompt with FLUX.1 (dev or "
+                                   "schnell), PISA attention by default.")
+    g.add_argument("prompt", help="the text prompt")
+    g.add_argument("--out", required=True, help="output PNG (with --batch N: OUT-0.png ...)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed of the first image "
+                                                       "(default 0)")
+    g.add_argument("--batch", type=int, default=1,
+                   help="images of the prompt, seeds SEED, SEED+1, ... (default 1); split "
+                        "over the visible devices")
+    g.add_argument("--attention", choices=("pisa", "dense"), default="pisa",
+                   help="pisa: the published setting (first 4 layers dense); dense: all "
+                        "layers dense (default pisa)")
+    _common(g)
+    g.set_defaults(func=_guarded(run_generate))
+
+    c = sub.add_parser("compare", help="dense vs PISA side by side, with PSNR and SSIM",
+                       description="Generate the same prompts and seeds dense and with PISA; "
+                                   "save a grid (dense | PISA | 4 x abs diff) and print the "
+                                   "PSNR and SSIM of PISA against dense.")
+    c.add_argument("prompts", nargs="+", help="one or more prompts")
+    c.add_argument("--out", required=True, help="output grid PNG")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    _common(c)
+    c.set_defaults(func=_guarded(run_compare))

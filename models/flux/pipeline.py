@@ -1,0 +1,431 @@
+"""FLUX.1 text-to-image in JAX: prompt -> tokens -> CLIP and T5 -> Euler sampling -> VAE.
+
+`FluxPipeline` follows diffusers' `FluxPipeline`: the same call arguments, the same text
+ids and image ids, the same packed latent layout (`latents=` accepts diffusers' tensors),
+the same sigmas (`models.flux.sampling.schedule`), and the same image post-processing.
+Each stage is one compiled function per shape, cached on the pipeline: the text encoders,
+the whole denoising loop (a `fori_loop` over the steps) and the VAE decoder. A second
+call at the same batch size, resolution and step count traces and compiles nothing.
+
+Where it differs from diffusers: noise comes from `jax.random` (pass `latents` for the
+same image as torch gives); the latents stay float32 through the loop and the time is
+passed in float32 (diffusers rounds both to the model dtype); `guidance_scale` defaults
+to None (3.5 on dev, so schnell warns only when one is given); `max_sequence_length`
+defaults to 256 on schnell (as Black Forest Labs' reference); a size that is not a
+multiple of 16 is an error, not resized.
+
+The batch is split over the pipeline's devices with `shard_map` (weights replicated,
+each device running the whole loop on its share); a batch that does not divide is padded
+with copies of its last image, which are dropped from the result.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import time
+import warnings
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models.checkpoint import CheckpointError, read_json
+from models.flux.sampling import euler_loop, image_ids, schedule, unpack_latents
+
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer",
+              "tokenizer_2")
+OUTPUT_TYPES = ("pil", "np", "latent")
+MAX_SEQUENCE_LENGTH = 512             # what FLUX.1's T5 was trained with
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The flow-matching schedule as diffusers' FlowMatchEulerDiscreteScheduler config
+    names it (`use_dynamic_shifting`, `shift`, `base_shift`, `max_shift`,
+    `base_image_seq_len`, `max_image_seq_len`)."""
+    dynamic_shift: bool = True
+    shift: float = 1.0
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_tokens: int = 256
+    max_tokens: int = 4096
+
+    def __post_init__(self):
+        if self.shift <= 0 or self.max_tokens <= self.base_tokens:
+            raise ValueError(f"SchedulerConfig: shift must be > 0 and max_tokens > base_tokens;"
+                             f" got {self}")
+
+    @classmethod
+    def for_variant(cls, guidance_embed: bool) -> "SchedulerConfig":
+        """FLUX.1-dev's (dynamic shift) or FLUX.1-schnell's (none)."""
+        return cls(dynamic_shift=guidance_embed)
+
+    @classmethod
+    def from_diffusers(cls, path: str) -> "SchedulerConfig":
+        c = read_json(path)
+        if c.get("time_shift_type", "exponential") != "exponential" or any(
+                c.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas",
+                                   "use_beta_sigmas", "shift_terminal", "invert_sigmas")):
+            raise CheckpointError(f"{path}: only FLUX's exponential time shift is supported")
+        return cls(dynamic_shift=bool(c.get("use_dynamic_shifting", False)),
+                   shift=float(c.get("shift", 1.0)), base_shift=c.get("base_shift", 0.5),
+                   max_shift=c.get("max_shift", 1.15),
+                   base_tokens=c.get("base_image_seq_len", 256),
+                   max_tokens=c.get("max_image_seq_len", 4096))
+
+    def sigmas(self, num_steps: int, image_tokens: int) -> np.ndarray:
+        return schedule(num_steps, image_tokens, shift=self.dynamic_shift,
+                        base_shift=self.base_shift, max_shift=self.max_shift,
+                        base_tokens=self.base_tokens, max_tokens=self.max_tokens,
+                        constant_shift=self.shift)
+
+
+# ------------------------------------------------------------------------ pipeline
+
+def to_pil(images: np.ndarray) -> list:
+    """float `[B, H, W, 3]` in [0, 1] -> PIL images (rounded as diffusers does)."""
+    from PIL import Image
+    return [Image.fromarray(x) for x in (images * 255).round().astype(np.uint8)]
+
+
+class FluxPipeline:
+    """FLUX.1 (dev or schnell) from prompt to image; see `from_pretrained` and `__call__`.
+
+    Args:
+      transformer: a `models.flux.Flux`; dev or schnell is read from its config.
+      text_encoder, text_encoder_2: the CLIP and T5 text encoders.
+      vae: a `models.flux.autoencoder.AutoEncoder`.
+      tokenizer, tokenizer_2: CLIP and T5 tokenizers (`tok(prompts, max_length) -> ids`).
+      scheduler: a `SchedulerConfig` (default: the variant's).
+      devices: the devices the batch is split over (default: every local device).
+    """
+
+    def __init__(self, transformer, text_encoder, text_encoder_2, vae, tokenizer,
+                 tokenizer_2, *, scheduler: SchedulerConfig | None = None,
+                 devices: Sequence[jax.Device] | None = None):
+        self.config = transformer.config
+        self.is_dev = bool(self.config.guidance_embed)
+        self.scheduler = scheduler or SchedulerConfig.for_variant(self.is_dev)
+        self.has_pisa = bool(transformer.block_size)
+        self.vae_factor = vae.config.downsample_factor
+        if self.config.in_channels != 4 * vae.config.latent_channels:
+            raise ValueError(f"the transformer takes {self.config.in_channels} channels per "
+                             f"token; the VAE's {vae.config.latent_channels} latent channels "
+                             f"give {4 * vae.config.latent_channels}")
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.devices = list(devices or jax.local_devices())
+        self.mesh = Mesh(np.array(self.devices), ("batch",))
+        replicated = NamedSharding(self.mesh, P())
+        self._graphs, self._states = {}, {}
+        for name, module in (("transformer", transformer), ("clip", text_encoder),
+                             ("t5", text_encoder_2), ("vae", vae)):
+            self._graphs[name], state = nnx.split(module)
+            self._states[name] = jax.device_put(state, replicated)
+        self.traces: collections.Counter = collections.Counter()
+        self.last_timings: dict[str, float] = {}
+        self.load_seconds = 0.0
+        self._compiled: dict[tuple, object] = {}
+        self._progress: Callable | None = None
+        self._done = 0
+        # Built once per pipeline; `_run` lowers and compiles each once per shape.
+        self._jits = {"encode": jax.jit(self._encode),
+                      "noise": jax.jit(self._noise, static_argnames="shape"),
+                      "denoise": jax.jit(self._denoise, static_argnames=("grid", "dense_steps")),
+                      "decode": jax.jit(self._decode, static_argnames="grid")}
+
+    # --------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | None = None, *, dtype=jnp.bfloat16,
+                        attention: str = "pisa", policies=None,
+                        devices: Sequence[jax.Device] | None = None,
+                        transformer: str | None = None, text_encoder: str | None = None,
+                        text_encoder_2: str | None = None, vae: str | None = None,
+                        tokenizer: str | None = None, tokenizer_2: str | None = None,
+                        **policy_options) -> "FluxPipeline":
+        """Loads a FLUX.1 pipeline folder.
+
+        `path` is a diffusers pipeline folder (`transformer/`, `text_encoder/`,
+        `text_encoder_2/`, `vae/`, `tokenizer/`, `tokenizer_2/`, optionally `scheduler/`),
+        or any folder with those names where `transformer/` is a converted checkpoint
+        (`python -m models.flux.convert`). A keyword naming a component replaces that
+        component's path: a file or folder, relative to `path` unless it exists as given
+        or is absolute, e.g. `transformer="flux1-dev.safetensors", vae="ae.safetensors"`
+        for Black Forest Labs' single files (`path=None` when every component is given).
+        dev or schnell is read from the transformer's weights (guidance embedding).
+
+        `attention` ("pisa": the published setting, or "dense"), `policies` (one
+        `AttentionPolicy` per layer) and `policy_options` (e.g. `density=0.15`) are as in
+        `models.flux.load_flux`. Raises `CheckpointError` naming a missing component and
+        the path where it was looked for, or the unreadable file.
+        """
+        from models.flux.autoencoder import load_autoencoder
+        from models.flux.convert import load_flux
+        from models.text_encoders import load_clip, load_t5
+        from models.text_encoders.tokenizers import CLIPTokenizer, T5Tokenizer
+        t0 = time.perf_counter()
+        given = dict(transformer=transformer, text_encoder=text_encoder,
+                     text_encoder_2=text_encoder_2, vae=vae, tokenizer=tokenizer,
+                     tokenizer_2=tokenizer_2)
+        paths = component_paths(path, given)
+        flux = load_flux(paths["transformer"], dtype=dtype, attention=attention,
+                         policies=policies, **policy_options)
+        sched = None
+        sched_file = os.path.join(path or "", "scheduler", "scheduler_config.json")
+        if path is not None and os.path.isfile(sched_file):
+            sched = SchedulerConfig.from_diffusers(sched_file)
+        pipe = cls(flux, load_clip(paths["text_encoder"], dtype=dtype),
+                   load_t5(paths["text_encoder_2"], dtype=dtype),
+                   load_autoencoder(paths["vae"], dtype=dtype),
+                   CLIPTokenizer.from_folder(paths["tokenizer"]),
+                   T5Tokenizer.from_folder(paths["tokenizer_2"]), scheduler=sched,
+                   devices=devices)
+        jax.block_until_ready(pipe._states)
+        pipe.load_seconds = time.perf_counter() - t0
+        return pipe
+
+    # ---------------------------------------------------------- traced stages
+    def _per_device(self, fn, in_specs, out_specs):
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+
+    def _encode(self, clip_state, t5_state, clip_ids, t5_ids):
+        self.traces["encode"] += 1
+
+        def local(clip_state, t5_state, clip_ids, t5_ids):
+            _, pooled = nnx.merge(self._graphs["clip"], clip_state)(clip_ids)
+            return nnx.merge(self._graphs["t5"], t5_state)(t5_ids), pooled
+        return self._per_device(local, (P(), P(), P("batch"), P("batch")),
+                                (P("batch"), P("batch")))(clip_state, t5_state, clip_ids,
+                                                          t5_ids)
+
+    def _noise(self, seeds, *, shape):
+        self.traces["noise"] += 1
+        draw = lambda s: jax.random.normal(jax.random.key(s), shape, jnp.float32)
+        return jax.vmap(draw)(seeds)
+
+    def _denoise(self, state, img, txt, y, guidance, sigmas, *, grid, dense_steps):
+        self.traces["denoise"] += 1
+        ids = jnp.asarray(image_ids(*grid))
+
+        def local(state, img, txt, y, guidance, sigmas):
+            model = nnx.merge(self._graphs["transformer"], state)
+            b = img.shape[0]
+            img_ids = jnp.broadcast_to(ids, (b,) + ids.shape)
+            txt_ids = jnp.zeros((b, txt.shape[1], 3), jnp.float32)
+            g = guidance if self.is_dev else None
+
+            def velocity(x, t, dense):
+                return model(x, img_ids, txt, txt_ids, t, y, g, dense=dense)
+            # Always compiled in (a host call per step is negligible next to a step), so
+            # calls with and without a progress callback share one executable.
+            on_step = lambda i: jax.debug.callback(self._on_step, i)
+            return euler_loop(velocity, img, sigmas, dense_steps=dense_steps, on_step=on_step)
+        b = P("batch")
+        return self._per_device(local, (P(), b, b, b, b, P()), b)(state, img, txt, y,
+                                                                  guidance, sigmas)
+
+    def _decode(self, state, latents, *, grid):
+        self.traces["decode"] += 1
+
+        def local(state, latents):
+            z = unpack_latents(latents, 2 * grid[0], 2 * grid[1])
+            image = nnx.merge(self._graphs["vae"], state).decode(z)
+            return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        return self._per_device(local, (P(), P("batch")), P("batch"))(state, latents)
+
+    def _on_step(self, i):
+        # Called from the compiled loop (once per device): report each step once.
+        if self._progress is not None and int(i) + 1 > self._done:
+            self._done = int(i) + 1
+            self._progress(self._done)
+
+    def _run(self, name: str, *args, **static):
+        """Runs stage `name`, lowering and compiling it on the first call per shape."""
+        key = (name, tuple(sorted(static.items())),
+               tuple((x.shape, str(x.dtype)) for a in args if not isinstance(a, nnx.State)
+                     for x in jax.tree.leaves(a)))
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = self._jits[name].lower(*args, **static).compile()
+            self.last_timings["compile"] = (self.last_timings.get("compile", 0.0)
+                                            + time.perf_counter() - t0)
+        return jax.block_until_ready(self._compiled[key](*args))
+
+    # ------------------------------------------------------------------ call
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int):
+        """(T5 states `[B, max_sequence_length, D_t5]`, CLIP pooled `[B, D_clip]`)."""
+        shard = NamedSharding(self.mesh, P("batch"))
+        clip_ids = jax.device_put(np.asarray(self.tokenizer(prompts), np.int32), shard)
+        t5_ids = jax.device_put(np.asarray(self.tokenizer_2(
+            prompts, max_length=max_sequence_length), np.int32), shard)
+        return self._run("encode", self._states["clip"], self._states["t5"], clip_ids, t5_ids)
+
+    def __call__(self, prompt: str | Sequence[str], *, height: int = 1024, width: int = 1024,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 seed: int | Sequence[int] = 0, latents=None,
+                 max_sequence_length: int | None = None, dense_steps: int = 0,
+                 output_type: str = "pil", progress: Callable[[int], None] | None = None):
+        """Generates one image per prompt.
+
+        Args:
+          prompt: a string or a non-empty list of strings (the batch).
+          height, width: image size in pixels, multiples of 16.
+          num_inference_steps: Euler steps (default 50 for dev, 4 for schnell).
+          guidance_scale: dev's distilled guidance (default 3.5); schnell has none and
+            warns when one is given.
+          seed: an int (image i draws its noise from `jax.random.key(seed + i)`) or one
+            int per image. jax.random's noise differs from torch's generators; pass
+            `latents` to reproduce another implementation's image exactly.
+          latents: initial noise `[B, (height/16)*(width/16), 64]`, packed as diffusers'
+            `latents=` argument (overrides `seed`).
+          max_sequence_length: T5 tokens (default 512 for dev, 256 for schnell; <= 512).
+          dense_steps: the first steps attend densely in every layer (0 by default, the
+            published setting); `num_inference_steps` makes the whole run dense.
+          output_type: "pil" (list of PIL images), "np" (float32 `[B, H, W, 3]` in
+            [0, 1]) or "latent" (the final packed latents, float32).
+          progress: called with the number of steps done, from the compiled loop.
+        Raises ValueError / TypeError naming the argument for anything else.
+        """
+        prompts = _check_prompt(prompt)
+        steps = num_inference_steps if num_inference_steps is not None else (
+            50 if self.is_dev else 4)
+        max_len = max_sequence_length if max_sequence_length is not None else (
+            512 if self.is_dev else 256)
+        _check_int("height", height, 1, multiple=2 * self.vae_factor)
+        _check_int("width", width, 1, multiple=2 * self.vae_factor)
+        _check_int("num_inference_steps", steps, 1)
+        _check_int("max_sequence_length", max_len, 1, MAX_SEQUENCE_LENGTH)
+        _check_int("dense_steps", dense_steps, 0, steps)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        if not self.is_dev and guidance_scale is not None:
+            warnings.warn("guidance_scale is ignored: FLUX.1-schnell has no guidance "
+                          f"embedding (got {guidance_scale})", stacklevel=2)
+        guidance = 3.5 if guidance_scale is None else guidance_scale
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise TypeError(f"guidance_scale must be a number; got {guidance!r}")
+        grid = (height // (2 * self.vae_factor), width // (2 * self.vae_factor))
+        b, tokens = len(prompts), grid[0] * grid[1]
+        shape = (b, tokens, self.config.in_channels)
+        seeds = _check_seed(seed, b)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents must have shape {list(shape)} (batch, "
+                                 f"(height/16)*(width/16), {shape[2]}); got "
+                                 f"{list(latents.shape)}")
+        if not self.has_pisa:
+            dense_steps = 0          # every layer is dense anyway: one compiled loop
+
+        # Pad the batch to a multiple of the device count; extra images are dropped.
+        n_dev = len(self.devices)
+        pad = -b % n_dev
+        prompts = prompts + prompts[-1:] * pad
+        shard = NamedSharding(self.mesh, P("batch"))
+        self.last_timings = {"compile": 0.0}
+
+        clock = _StageClock(self.last_timings)
+        txt, y = self.encode_prompt(prompts, max_len)
+        clock.lap("text_encoding")
+        if latents is None:
+            seeds = np.concatenate([seeds, seeds[-1:].repeat(pad)])
+            img = self._run("noise", jax.device_put(seeds, shard), shape=shape[1:])
+        else:
+            img = np.concatenate([latents, latents[-1:].repeat(pad, 0)])
+        img = jax.device_put(img, shard)
+        guidance_arr = jax.device_put(np.full((b + pad,), guidance, np.float32), shard)
+        sigmas = jnp.asarray(self.scheduler.sigmas(steps, tokens))
+        self._progress, self._done = progress, 0
+        try:
+            out = self._run("denoise", self._states["transformer"], img, txt, y, guidance_arr,
+                            sigmas, grid=grid, dense_steps=dense_steps)
+        finally:
+            self._progress = None
+        clock.lap("denoising")
+        if output_type != "latent":
+            out = self._run("decode", self._states["vae"], out, grid=grid)
+        out = np.asarray(out)[:b]
+        clock.lap("decoding")
+        return to_pil(out) if output_type == "pil" else out
+
+
+class _StageClock:
+    """Wall time of each stage without the compile time `_run` adds to `timings`."""
+
+    def __init__(self, timings: dict):
+        self.timings, self.t, self.compiled = timings, time.perf_counter(), timings["compile"]
+
+    def lap(self, stage: str) -> None:
+        now, compiled = time.perf_counter(), self.timings["compile"]
+        self.timings[stage] = now - self.t - (compiled - self.compiled)
+        self.t, self.compiled = now, compiled
+
+
+# ----------------------------------------------------------------------- checks
+
+def component_paths(path: str | None, given: dict) -> dict[str, str]:
+    """Where each component is: `given[name]` (relative to `path` unless it exists as
+    given or is absolute) or `path/name`. Raises `CheckpointError` naming what is missing."""
+    if path is not None and not os.path.isdir(path):
+        raise CheckpointError(f"pipeline folder {path}: no such folder")
+    out = {}
+    for name in COMPONENTS:
+        p = given.get(name)
+        if p is not None and path is not None and not os.path.isabs(p) and not os.path.exists(p):
+            p = os.path.join(path, p)
+        elif p is None:
+            if path is None:
+                raise CheckpointError(f"no path for the {name} component: give the pipeline "
+                                      f"folder or {name}=")
+            p = os.path.join(path, name)
+        if not os.path.exists(p):
+            raise CheckpointError(f"missing {name} component: {p} does not exist (a FLUX.1 "
+                                  f"pipeline folder holds {', '.join(COMPONENTS)})")
+        out[name] = p
+    return out
+
+
+def _check_prompt(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompt must be a string or a list of strings; got "
+                        f"{type(prompt).__name__}")
+    if not prompts:
+        raise ValueError("prompt must be a string or a non-empty list of strings; got an "
+                         "empty list")
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompt must hold strings only; got {bad}")
+    return list(prompts)
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None, multiple: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {want}; got {value}")
+    if value % multiple:
+        raise ValueError(f"{name} must be a multiple of {multiple} (the VAE's downsampling, "
+                         f"then 2x2 patches); got {value}")
+
+
+def _check_seed(seed, b: int) -> np.ndarray:
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        seeds = np.arange(b, dtype=np.int64) + int(seed)
+    elif isinstance(seed, (list, tuple)) and all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed):
+        if len(seed) != b:
+            raise ValueError(f"seed must be an int or one int per prompt ({b}); got "
+                             f"{len(seed)} seeds")
+        seeds = np.asarray(seed, np.int64)
+    else:
+        raise TypeError(f"seed must be an int or a list of ints; got {seed!r}")
+    if (seeds < 0).any() or (seeds >= 2**32).any():
+        raise ValueError(f"seed must be in [0, 2**32); got {seed}")
+    return seeds.astype(np.uint32)

@@ -1,0 +1,296 @@
+"""The FLUX.1 pipeline end to end against diffusers' FluxPipeline, its compile cache, the
+multi-device path, its errors, the generate / compare commands and the image metrics.
+
+Fixtures: tests/fixtures/make_pipeline_fixtures.py (tiny random dev and schnell pipeline
+folders and diffusers' float32 outputs for fixed `latents`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.checkpoint import CheckpointError
+from models.flux.generate import gaussian_window, psnr, ssim
+from models.flux.pipeline import FluxPipeline
+from models.flux.sampling import pack_latents, unpack_latents
+from tests.helpers import relative_error
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def folder(variant):
+    return os.path.join(FIXTURES, f"flux_pipeline_{variant}")
+
+
+def reference(variant):
+    d = np.load(os.path.join(FIXTURES, f"flux_pipeline_{variant}.npz"))
+    kwargs = dict(height=int(d["height"]), width=int(d["width"]),
+                  num_inference_steps=int(d["steps"]),
+                  max_sequence_length=int(d["max_sequence_length"]), latents=d["latents"])
+    if variant == "dev":
+        kwargs["guidance_scale"] = float(d["guidance"])
+    return [str(p) for p in d["prompts"]], kwargs, d
+
+
+TWO_DEVICES = textwrap.dedent(f"""
+    import jax, jax.numpy as jnp, numpy as np
+    from models.flux.pipeline import FluxPipeline
+    assert len(jax.devices()) == 2
+    kw = dict(height=32, width=48, num_inference_steps=2, max_sequence_length=8,
+              output_type="np", guidance_scale=2.0)
+    prompts = ["a cat", "a red fox in the snow", "a boat"]
+    one = FluxPipeline.from_pretrained({folder('dev')!r}, dtype=jnp.float32,
+                                       devices=jax.devices()[:1])
+    two = FluxPipeline.from_pretrained({folder('dev')!r}, dtype=jnp.float32)
+    a, b = one(prompts, seed=3, **kw), two(prompts, seed=3, **kw)   # 3: padded to 4
+    assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(two._states))
+    assert a.shape == b.shape == (3, 32, 48, 3)
+    print(float(np.abs(a - b).max()))
+    assert np.abs(a - b).max() < 1e-5
+    print("ok")
+""")
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory):
+    """The two-device run (XLA_FLAGS must be set before jax starts) and the tiny benchmark,
+    each in its own process, started first so that they overlap the other tests."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    two_env = env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                                  "--xla_backend_optimization_level=0"}   # faster compiles
+    bench_out = tmp_path_factory.mktemp("bench") / "pipeline.json"
+    bench = [sys.executable, os.path.join(ROOT, "benchmarks", "pipeline.py"), "--tiny",
+             "--sizes", "64", "--out", str(bench_out)]
+    procs = {"two_devices": subprocess.Popen([sys.executable, "-c", TWO_DEVICES], env=two_env,
+                                             cwd=ROOT, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True),
+             "benchmark": subprocess.Popen(bench, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)}
+    yield procs, bench_out
+    for proc in procs.values():
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def pipes(background):
+    return {v: FluxPipeline.from_pretrained(folder(v), dtype=jnp.float32, attention="dense")
+            for v in ("dev", "schnell")}
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_images_match_diffusers_flux_pipeline(pipes, variant):
+    pipe = pipes[variant]
+    prompts, kwargs, ref = reference(variant)
+    assert pipe.is_dev == (variant == "dev")
+    np.testing.assert_array_equal(pipe.scheduler.sigmas(kwargs["num_inference_steps"],
+                                                        kwargs["latents"].shape[1]),
+                                  ref["sigmas"])
+    txt, pooled = pipe.encode_prompt(prompts, kwargs["max_sequence_length"])
+    assert relative_error(np.asarray(txt), ref["t5_embeds"]) < 1e-5
+    assert relative_error(np.asarray(pooled), ref["pooled"]) < 1e-5
+    latents = pipe(prompts, output_type="latent", **kwargs)
+    assert relative_error(latents, ref["final_latents"]) < 1e-4
+    images = pipe(prompts, output_type="np", **kwargs)
+    assert images.dtype == np.float32 and images.shape == ref["images"].shape
+    assert ref["images"].std() > 0.1                    # a real image, not a flat one
+    assert np.abs(images - ref["images"]).max() < 1e-3   # max abs difference, in [0, 1]
+    pil = pipe(prompts, output_type="pil", **kwargs)
+    assert len(pil) == len(prompts) and pil[0].size == (kwargs["width"], kwargs["height"])
+
+
+def test_second_call_with_another_prompt_and_seed_neither_traces_nor_compiles(pipes):
+    pipe = pipes["schnell"]
+    steps = []
+    kwargs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=8,
+                  output_type="np")
+    first = pipe("a cat", seed=1, progress=steps.append, **kwargs)
+    assert steps == [1, 2]
+    traces, compiled = dict(pipe.traces), len(pipe._compiled)
+    second = pipe("a lighthouse by the sea", seed=2, **kwargs)
+    third = pipe("a lighthouse by the sea", seed=2, progress=steps.append, **kwargs)
+    assert dict(pipe.traces) == traces and len(pipe._compiled) == compiled
+    assert pipe.last_timings["compile"] == 0.0
+    assert np.abs(first - second).max() > 0.05         # prompt and seed matter
+    np.testing.assert_array_equal(second, third)        # deterministic
+
+
+def test_seed_i_of_a_batch_is_the_seed_plus_i_alone(pipes):
+    pipe = pipes["schnell"]
+    kwargs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=8,
+                  output_type="latent")
+    batch = pipe(["a cat", "a dog"], seed=7, **kwargs)
+    np.testing.assert_allclose(batch[1], pipe("a dog", seed=8, **kwargs)[0], atol=1e-5)
+    np.testing.assert_allclose(batch, pipe(["a cat", "a dog"], seed=[7, 8], **kwargs),
+                               atol=1e-6)
+
+
+def test_pack_and_unpack_latents_are_inverse_and_diffusers_ordered():
+    z = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)   # [B, h, w, C]
+    packed = np.asarray(pack_latents(jnp.asarray(z)))
+    assert packed.shape == (2, 6, 12)
+    # token (0, 1) = 2x2 patch at rows 0-1, cols 2-3; features (channel, dy, dx)
+    np.testing.assert_array_equal(packed[0, 1], z[0, 0:2, 2:4].transpose(2, 0, 1).ravel())
+    np.testing.assert_array_equal(np.asarray(unpack_latents(jnp.asarray(packed), 4, 6)), z)
+
+
+def test_bad_arguments_raise_errors_naming_them(pipes):
+    pipe = pipes["dev"]
+    ok = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=8)
+    cases = [
+        (dict(height=40), ValueError, "height must be a multiple of 16.*got 40"),
+        (dict(width=0), ValueError, r"width must be >= 1; got 0"),
+        (dict(num_inference_steps=0), ValueError, r"num_inference_steps must be >= 1; got 0"),
+        (dict(dense_steps=3), ValueError, r"dense_steps must be in \[0, 2\]; got 3"),
+        (dict(max_sequence_length=600), ValueError, r"max_sequence_length must be in \[1, 512\]"),
+        (dict(output_type="jpg"), ValueError, "output_type must be one of"),
+        (dict(latents=np.zeros((1, 5, 64))), ValueError, r"latents must have shape \[1, 4, 64\]"),
+        (dict(seed=[1, 2]), ValueError, "one int per prompt"),
+        (dict(seed=-1), ValueError, "seed must be in"),
+        (dict(guidance_scale="high"), TypeError, "guidance_scale must be a number"),
+    ]
+    for bad, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            pipe("a cat", **(ok | bad))
+    with pytest.raises(ValueError, match="empty list"):
+        pipe([], **ok)
+    with pytest.raises(TypeError, match="prompt must hold strings"):
+        pipe(["a", 3], **ok)
+    with pytest.warns(UserWarning, match="guidance_scale is ignored.*schnell"):
+        pipes["schnell"]("a cat", guidance_scale=7.0, output_type="latent", **ok)
+
+
+def test_a_converted_transformer_replaces_the_folder_one(pipes, tmp_path):
+    import jax
+    from models.flux.convert import convert
+    out = tmp_path / "flux-dev-converted"
+    convert(os.path.join(folder("dev"), "transformer"), str(out), dtype=jnp.float32,
+            progress=lambda *a: None)
+    pipe = FluxPipeline.from_pretrained(folder("dev"), dtype=jnp.float32, attention="dense",
+                                        transformer=str(out))
+    assert pipe.is_dev and pipe.config == pipes["dev"].config
+    for a, b in zip(jax.tree.leaves(pipe._states["transformer"]),
+                    jax.tree.leaves(pipes["dev"]._states["transformer"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_missing_component_and_truncated_weights_are_named(tmp_path):
+    broken = tmp_path / "pipe"
+    shutil.copytree(folder("schnell"), broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(CheckpointError, match="missing text_encoder_2 component: .*"
+                                              "text_encoder_2 does not exist"):
+        FluxPipeline.from_pretrained(str(broken), dtype=jnp.float32)
+    shutil.copytree(os.path.join(folder("schnell"), "text_encoder_2"), broken / "text_encoder_2")
+    weights = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
+        FluxPipeline.from_pretrained(str(broken), dtype=jnp.float32)
+    with pytest.raises(CheckpointError, match="missing transformer component: .*nope"):
+        FluxPipeline.from_pretrained(folder("schnell"), transformer="nope.safetensors")
+
+
+def test_generate_command_writes_a_png_with_its_settings(tmp_path, capsys):
+    from PIL import Image
+    from models import cli
+    out = tmp_path / "sub" / "fox.png"
+    assert cli.main(["generate", "a red fox", "--model", folder("dev"), "--out", str(out),
+                     "--height", "32", "--width", "48", "--steps", "2", "--seed", "4",
+                     "--guidance", "2.5", "--dtype", "fp32", "--max-sequence-length", "8",
+                     "--density", "0.5", "--dense-layers", "1", "--dense-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "timings: load" in printed and "compile" in printed and "decoding" in printed
+    image = Image.open(out)
+    assert image.size == (48, 32)
+    assert image.text["prompt"] == "a red fox" and image.text["seed"] == "4"
+    assert image.text["steps"] == "2" and image.text["guidance"] == "2.5"
+    assert image.text["attention"] == "pisa" and image.text["density"] == "0.5"
+    assert image.text["dense_layers"] == "1" and image.text["dense_steps"] == "1"
+    assert image.text["dense_steps"] == "1" and image.text["model"] == folder("dev")
+    assert [p.name for p in out.parent.iterdir()] == ["fox.png"]     # no temp file left
+
+
+def test_generate_checks_the_output_before_loading_anything(tmp_path, capsys):
+    from models import cli
+    (tmp_path / "file").write_text("")
+    code = cli.main(["generate", "x", "--model", str(tmp_path / "no-model"),
+                     "--out", str(tmp_path / "file" / "a.png")])
+    assert code == 1 and "is not a folder we may write in" in capsys.readouterr().err
+    assert cli.main(["generate", "x", "--model", "m", "--out", str(tmp_path / "a.jpg")]) == 1
+    assert "--out must end in .png" in capsys.readouterr().err
+
+
+def test_compare_command_writes_a_grid_and_prints_psnr_and_ssim(tmp_path, capsys):
+    from PIL import Image
+    from models import cli
+    out = tmp_path / "grid.png"
+    assert cli.main(["compare", "a cat", "a boat", "--model", folder("schnell"), "--out",
+                     str(out), "--seeds", "0,1", "--height", "128", "--width", "128",
+                     "--steps", "2", "--dtype", "fp32", "--max-sequence-length", "8",
+                     "--density", "0.5", "--dense-layers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("PSNR") == 5 and "mean" in printed and "SSIM" in printed
+    # 72 tokens: two blocks of 64, one of them approximated, so PISA differs from dense.
+    assert "inf dB" not in printed
+    grid = Image.open(out)
+    assert grid.size == (3 * 128, 4 * 128)      # dense | PISA | diff, 2 prompts x 2 seeds
+    assert grid.text["seeds"] == "0,1"
+
+
+# ------------------------------------------------------------------- metrics
+
+def test_ssim_is_one_for_identical_images_and_matches_hand_computed_cases():
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 24, 3))
+    assert ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(x, 1 - x) < 0                           # anti-correlated
+    assert ssim(x, x * 0.5) < 1 and ssim(x, x * 0.5) == pytest.approx(ssim(x * 0.5, x))
+    # Constant images: no variance, SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    c1 = 0.01 ** 2
+    a, b = 0.3, 0.7
+    assert ssim(np.full((11, 11), a), np.full((11, 11), b)) == pytest.approx(
+        (2 * a * b + c1) / (a * a + b * b + c1), rel=1e-12)
+    # One 11x11 window: y = x + d gives equal variances and covariance = variance, so
+    # SSIM is the luminance term of the Gaussian-weighted means.
+    w = np.outer(gaussian_window(), gaussian_window())
+    img = rng.random((11, 11))
+    mx = (w * img).sum()
+    assert ssim(img, img + 0.2) == pytest.approx(
+        (2 * mx * (mx + 0.2) + c1) / (mx ** 2 + (mx + 0.2) ** 2 + c1), rel=1e-10)
+    assert gaussian_window().sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="H, W >= 11"):
+        ssim(np.zeros((8, 8)), np.zeros((8, 8)))
+
+
+def test_psnr_of_a_known_error():
+    x = np.zeros((4, 4, 3))
+    assert psnr(x + 0.1, x) == pytest.approx(20.0)       # MSE 0.01 -> 20 dB
+    assert psnr(x, x) == float("inf")
+
+
+def test_benchmark_runs_tiny_on_the_cpu(background):
+    procs, out_path = background
+    out, err = procs["benchmark"].communicate(timeout=300)
+    assert procs["benchmark"].returncode == 0, out + err
+    import json
+    result = json.loads(out_path.read_text())
+    r = result["sizes"]["64"]
+    for mode in ("dense", "pisa"):
+        assert r[mode]["first_call_compile_s"] > 0 and r[mode]["second_call_compile_s"] == 0
+        assert r[mode]["second_call_s"] > 0 and r[mode]["est_total_s_at_50"] > 0
+    assert r["pisa_vs_dense_image_rel"] > 0          # PISA ran: the images differ
+    assert {"t5", "clip", "vae_decode_64"} <= set(result["parts"])
+
+
+def test_two_devices_give_the_images_of_one(background):
+    proc = background[0]["two_devices"]
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "ok" in out, out + err
