@@ -1,0 +1,59 @@
+"""Launch parameters of the Mosaic GPU attention kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Hopper gives a block at most 227 KiB of shared memory.
+SMEM_LIMIT = 227 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """How one CTA of the Mosaic GPU attention kernel is laid out.
+
+    Each CTA runs `query_blocks_per_cta` compute warpgroups (1 or 2), each on its own
+    query block with its own stream of key/value tiles; `stages` tiles of keys and values
+    per warpgroup are in flight (copied by the tensor memory accelerator) while one is
+    consumed. With `ping_pong` the two warpgroups take turns on the tensor cores: one
+    runs its softmax while the other's matrix products run.
+    """
+
+    stages: int = 2
+    query_blocks_per_cta: int = 2
+    ping_pong: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
+            raise ValueError(f"MosaicConfig.stages: expected a positive int, got {self.stages!r}")
+        if self.query_blocks_per_cta not in (1, 2):
+            raise ValueError("MosaicConfig.query_blocks_per_cta: expected 1 or 2, got "
+                             f"{self.query_blocks_per_cta!r}")
+        if not isinstance(self.ping_pong, bool):
+            raise ValueError(f"MosaicConfig.ping_pong: expected a bool, got {self.ping_pong!r}")
+
+    def shared_memory_bytes(self, block_size: int, head_dim: int, itemsize: int,
+                            num_selected: int, padded_blocks: int) -> int:
+        """Shared memory one CTA asks for (tiles, index and mask rows, the moment)."""
+        tile = block_size * head_dim * itemsize
+        per_group = (1 + 2 * self.stages) * tile + 4 * num_selected + itemsize * padded_blocks
+        return self.query_blocks_per_cta * per_group + head_dim * head_dim * itemsize + 4096
+
+
+def default_config(block_size: int, head_dim: int, itemsize: int, num_selected: int,
+                   padded_blocks: int) -> MosaicConfig:
+    """The deepest pipeline (up to 4 stages) that fits two query blocks per CTA."""
+    for stages in (4, 3, 2):
+        cfg = MosaicConfig(stages=stages)
+        if cfg.shared_memory_bytes(block_size, head_dim, itemsize, num_selected,
+                                   padded_blocks) <= SMEM_LIMIT:
+            return cfg
+    for stages in (4, 3, 2, 1):
+        cfg = MosaicConfig(stages=stages, query_blocks_per_cta=1)
+        if cfg.shared_memory_bytes(block_size, head_dim, itemsize, num_selected,
+                                   padded_blocks) <= SMEM_LIMIT:
+            return cfg
+    raise ValueError(
+        f"the Mosaic GPU attention kernel needs more shared memory than Hopper has for "
+        f"head dim {head_dim}, block size {block_size}, {num_selected} selected blocks and "
+        f"{padded_blocks} key blocks; use implementation='triton'")

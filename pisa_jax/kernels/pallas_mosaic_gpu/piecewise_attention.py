@@ -1,0 +1,319 @@
+"""Piecewise attention forward kernel on Pallas Mosaic GPU (Hopper, PISA_SPEC section 3).
+
+One CTA per (pair of query blocks, head, batch). Each of its two compute warpgroups owns
+one query block and streams its own tiles through shared memory: first the key/value
+blocks of its selection (the exact path; the tensor memory accelerator copies block
+`indices[t]`, several stages in flight), then the block-mean keys and values of every
+key block in chunks of `block_size` (the zeroth order; selected and padding blocks are
+masked by a precomputed additive row). Both feed one online softmax; the global first
+order `(G / T) s x H` is one more matrix product at the end, and the output is written
+once. Products run on wgmma with float32 accumulators.
+
+The zeroth order is folded into the same form as the exact path: the logit of block `j`
+gets `log2(len_j)` added, so its weight `exp(b_j) len_j` multiplies the block-mean value
+`vc_j / len_j`; this keeps every weight <= 1 after the max subtraction.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pisa_jax._blocks import block_lengths, num_blocks, pad_tokens
+from pisa_jax._types import BlockStatistics, Selection
+from pisa_jax.kernels._common import LOG2E, inference_only
+from pisa_jax.kernels.pallas_mosaic_gpu.config import SMEM_LIMIT, MosaicConfig, default_config
+
+# Index rows travel as [K / 32, 32] and mask rows as [NT / 64, 64]: a copy box may not be
+# longer than 256 along any axis, and each warpgroup's row starts 128-byte aligned.
+_INDEX_ROW = 32
+_MASK_ROW = 64
+
+
+def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_ref, *scratch,
+            block_size: int, num_selected: int, num_chunks: int, nt: int, num_tokens: int,
+            scale: float, order: int, layout: str, stages: int, groups: int, ping_pong: bool):
+    (q_smem, k_smem, v_smem, idx_smem, mask_smem, mom_smem,
+     k_bar, v_bar, q_bar, idx_bar, mask_bar, mom_bar, turn_bar) = scratch
+    bs = block_size
+    dtype = q_smem.dtype
+    d = q_smem.shape[-1]
+    bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    block = lax.axis_index("qpair") * groups + wg
+    # With ping-pong both warpgroups must run every step (they meet at a barrier twice per
+    # step): a warpgroup past the last query block recomputes it and writes nothing.
+    qb = jnp.minimum(block, nt - 1) if ping_pong else block
+    total = num_selected + (num_chunks if order >= 0 else 0)
+    qk_scale = scale * LOG2E
+    partial_last = num_tokens % bs != 0
+    last_len = num_tokens - (nt - 1) * bs
+
+    def tokens(ref, start):   # the [bs, D] slab of (batch, head) from token `start`
+        if layout == "bthd":
+            return ref.at[bi, pl.ds(start, bs), hi]
+        return ref.at[bi, hi, pl.ds(start, bs)]
+
+    if order == 1:   # one copy of H / T per CTA, read by both warpgroups at the end
+        @pl.when(wg == 0)
+        def _():
+            plgpu.copy_gmem_to_smem(mom_ref.at[bi, hi], mom_smem, mom_bar.at[0])
+
+    def turn():   # both warpgroups meet here (ping-pong only)
+        plgpu.barrier_arrive(turn_bar)
+        plgpu.barrier_wait(turn_bar)
+
+    def compute():
+        qs, ks, vs = q_smem.at[wg], k_smem.at[wg], v_smem.at[wg]
+        idx_row = idx_smem.at[wg]
+        slot_bar = lambda ref, slot: ref.at[wg * stages + slot]
+        plgpu.copy_gmem_to_smem(idx_ref.at[bi, hi, qb], idx_row, idx_bar.at[wg])
+        plgpu.copy_gmem_to_smem(tokens(q_ref, qb * bs), qs, q_bar.at[wg])
+        if order >= 0:
+            plgpu.copy_gmem_to_smem(mask_ref.at[bi, hi, qb], mask_smem.at[wg], mask_bar.at[wg])
+        plgpu.barrier_wait(idx_bar.at[wg])
+
+        def selected(t):
+            return idx_row[t // _INDEX_ROW, t % _INDEX_ROW]
+
+        def issue(step, slot):
+            def exact():
+                start = selected(step) * bs
+                plgpu.copy_gmem_to_smem(tokens(k_ref, start), ks.at[slot], slot_bar(k_bar, slot))
+                plgpu.copy_gmem_to_smem(tokens(v_ref, start), vs.at[slot], slot_bar(v_bar, slot))
+
+            def zeroth():
+                rows = pl.ds((step - num_selected) * bs, bs)
+                plgpu.copy_gmem_to_smem(kc_ref.at[bi, hi, rows], ks.at[slot], slot_bar(k_bar, slot))
+                plgpu.copy_gmem_to_smem(vm_ref.at[bi, hi, rows], vs.at[slot], slot_bar(v_bar, slot))
+
+            if isinstance(step, int):   # prologue: which stream is known statically
+                (exact if step < num_selected else zeroth)()
+            elif order < 0:
+                exact()
+            else:
+                pl.when(step < num_selected)(exact)
+                pl.when(step >= num_selected)(zeroth)
+
+        for s in range(min(stages, total)):
+            issue(s, s)
+
+        cols = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 1, layout=plgpu.Layout.WGMMA)
+
+        def step(t, carry, zeroth: bool):
+            acc, m, l, g = carry
+            slot = lax.rem(t, stages)
+            plgpu.barrier_wait(slot_bar(k_bar, slot))
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, qs, ks.at[slot].transpose((1, 0)))
+                if ping_pong:   # let the other warpgroup's products start after ours
+                    turn()
+                return acc_ref[...]
+
+            z = pl.run_scoped(qk, plgpu.ACC((bs, bs), jnp.float32)) * qk_scale
+            if zeroth:
+                c = t - num_selected
+                bias = plgpu.load(mask_smem.at[wg, c], layout=plgpu.Layout.WGMMA.reduce(0))
+                z = z + lax.broadcast_in_dim(bias.astype(jnp.float32), (bs, bs), [1])
+                z = z + math.log2(bs)
+                if partial_last:   # the short last block weighs its own length
+                    z = jnp.where(cols + c * bs == nt - 1,
+                                  z + (math.log2(last_len) - math.log2(bs)), z)
+            elif partial_last:   # padding keys of the last block stay out of the softmax
+                z = jnp.where(cols + selected(t) * bs < num_tokens, z, -jnp.inf)
+            m_new = jnp.maximum(m, z.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(z - lax.broadcast_in_dim(m_new, (bs, bs), [0]))
+            mass = p.sum(axis=1)
+            l = l * alpha + mass
+            g = g * alpha + mass if zeroth else g * alpha
+            acc = acc * lax.broadcast_in_dim(alpha, (bs, d), [0])
+            p16 = p.astype(dtype)
+            if ping_pong:   # softmax done; start P V once the other one's products are issued
+                plgpu.barrier_arrive(turn_bar)
+                plgpu.barrier_wait(slot_bar(v_bar, slot))
+                plgpu.barrier_wait(turn_bar)
+            else:
+                plgpu.barrier_wait(slot_bar(v_bar, slot))
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, vs.at[slot])
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            # The slot's tiles have been read: refill it with the tiles `stages` steps on.
+            nxt = t + stages
+            pl.when(nxt < total)(lambda: issue(nxt, slot))
+            return acc, m_new, l, g
+
+        row = plgpu.Layout.WGMMA.reduce(1)
+        carry = (plgpu.layout_cast(jnp.zeros((bs, d), jnp.float32), plgpu.Layout.WGMMA),
+                 plgpu.layout_cast(jnp.full((bs,), -jnp.inf, jnp.float32), row),
+                 plgpu.layout_cast(jnp.zeros((bs,), jnp.float32), row),
+                 plgpu.layout_cast(jnp.zeros((bs,), jnp.float32), row))
+        plgpu.barrier_wait(q_bar.at[wg])
+        if ping_pong:   # warpgroup 1 starts half a step behind warpgroup 0
+            pl.when(wg == 1)(turn)
+        carry = lax.fori_loop(0, num_selected, functools.partial(step, zeroth=False), carry)
+        if order >= 0:
+            plgpu.barrier_wait(mask_bar.at[wg])
+            carry = lax.fori_loop(num_selected, total, functools.partial(step, zeroth=True),
+                                  carry)
+        if ping_pong:
+            pl.when(wg == 0)(turn)
+        acc, _, l, g = carry
+        if order == 1:
+            plgpu.barrier_wait(mom_bar.at[0])
+
+            def first_order(acc_ref):
+                plgpu.wgmma(acc_ref, qs, mom_smem)
+                return acc_ref[...]
+
+            first = pl.run_scoped(first_order, plgpu.ACC((bs, d), jnp.float32))
+            acc = acc + lax.broadcast_in_dim(g * scale, (bs, d), [0]) * first
+        acc = acc / lax.broadcast_in_dim(l, (bs, d), [0])
+        qs[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+
+        @pl.when(block < nt)
+        def _():
+            plgpu.copy_smem_to_gmem(qs, tokens(o_ref, qb * bs))
+            plgpu.wait_smem_to_gmem(0)
+
+    if ping_pong:
+        compute()
+    else:
+        pl.when(block < nt)(compute)
+
+
+def _zeroth_mask(indices: jax.Array, nt: int, nt_pad: int, dtype) -> jax.Array:
+    """`[B, H, NT, NT_pad / 64, 64]`: 0 where the zeroth order takes key block `j`, -inf
+    where it must skip it (selected for the exact path, or padding beyond NT)."""
+    b, h = indices.shape[:2]
+    keep = jnp.zeros((b, h, nt, nt_pad), dtype).at[..., nt:].set(-jnp.inf)
+    mask = jnp.put_along_axis(keep, indices, jnp.asarray(-jnp.inf, dtype), axis=-1,
+                              inplace=False)
+    return mask.reshape(b, h, nt, nt_pad // _MASK_ROW, _MASK_ROW)
+
+
+def _head_dim(d: int) -> int:
+    if d > 128:
+        raise ValueError(f"the Mosaic GPU attention kernel takes head dims up to 128; got D = {d}")
+    return 64 if d <= 64 else 128
+
+
+def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scale: float,
+               order: int, layout: str, config: MosaicConfig | None):
+    ta = 1 if layout == "bthd" else 2
+    b, t, h, d = q.shape[0], q.shape[ta], q.shape[3 - ta], q.shape[-1]
+    dtype = q.dtype
+    d_pad = _head_dim(d)
+    nt = num_blocks(t, block_size)
+    nt_pad = -(-nt // _MASK_ROW) * _MASK_ROW
+    num_selected = indices.shape[-1]
+    k_pad = -(-num_selected // _INDEX_ROW) * _INDEX_ROW
+    config = config or default_config(block_size, d_pad, jnp.dtype(dtype).itemsize, k_pad,
+                                      nt_pad)
+    groups = config.query_blocks_per_cta
+    smem = config.shared_memory_bytes(block_size, d_pad, jnp.dtype(dtype).itemsize, k_pad, nt_pad)
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"{config} needs about {smem} bytes of shared memory at head dim "
+                         f"{d_pad}, {num_selected} selected and {nt} key blocks; Hopper has "
+                         f"{SMEM_LIMIT}: use fewer stages or one query block per CTA")
+
+    def prepare(x):   # zero padding is exact: padded keys are masked, padded channels add 0
+        x = pad_tokens(x, block_size, layout)
+        return jnp.pad(x, [(0, 0)] * 3 + [(0, d_pad - d)]) if d_pad != d else x
+
+    q, k, v = prepare(q), prepare(k), prepare(v)
+    idx = jnp.pad(indices, ((0, 0), (0, 0), (0, 0), (0, k_pad - num_selected)))
+    idx = idx.reshape(b, h, nt, k_pad // _INDEX_ROW, _INDEX_ROW)
+    if order >= 0:
+        lengths = jnp.asarray(block_lengths(t, block_size), jnp.float32)[:, None]
+        blocks = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, nt_pad - nt),
+                                       (0, d_pad - d))).astype(dtype)
+        kc, vm = blocks(k_mean), blocks(v_sum / lengths)
+        mask = _zeroth_mask(indices, nt, nt_pad, dtype)
+    else:   # the zeroth order is not run: small placeholders keep one kernel signature
+        kc = vm = jnp.zeros((1, 1, block_size, d_pad), dtype)
+        mask = jnp.zeros((1, 1, 1, 1, _MASK_ROW), dtype)
+    if order == 1:
+        mom = jnp.pad(moment / t, ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d))).astype(dtype)
+    else:
+        mom = jnp.zeros((1, 1, d_pad, d_pad), dtype)
+
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    stages = config.stages
+    kernel = functools.partial(
+        _kernel, block_size=block_size, num_selected=num_selected,
+        num_chunks=nt_pad // block_size, nt=nt, num_tokens=t, scale=scale, order=order,
+        layout=layout, stages=stages, groups=groups,
+        ping_pong=config.ping_pong and groups == 2)
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scratch: kernel(*refs, *scratch),
+            plgpu.SMEM((groups, block_size, d_pad), dtype, transforms=swizzled),
+            plgpu.SMEM((groups, stages, block_size, d_pad), dtype, transforms=swizzled),
+            plgpu.SMEM((groups, stages, block_size, d_pad), dtype, transforms=swizzled),
+            plgpu.SMEM((groups, k_pad // _INDEX_ROW, _INDEX_ROW), jnp.int32),
+            plgpu.SMEM((groups, nt_pad // _MASK_ROW if order >= 0 else 1, _MASK_ROW), dtype),
+            plgpu.SMEM((d_pad, d_pad) if order == 1 else (8, 64), dtype, transforms=swizzled),
+            plgpu.Barrier(num_barriers=groups * stages),
+            plgpu.Barrier(num_barriers=groups * stages),
+            plgpu.Barrier(num_barriers=groups),
+            plgpu.Barrier(num_barriers=groups),
+            plgpu.Barrier(num_barriers=groups),
+            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_arrivals=groups),
+            collective_axes="wg",
+        )
+
+    out = plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(-(-nt // groups), h, b),
+        grid_names=("qpair", "heads", "batch"),
+        num_threads=groups,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, idx, kc, vm, mask, mom)
+    if out.shape[ta] != t:
+        out = lax.slice_in_dim(out, 0, t, axis=ta)
+    return out[..., :d] if d_pad != d else out
+
+
+def piecewise_attention(q, k, v, stats: BlockStatistics, selection: Selection, *, scale: float,
+                        order: int, layout: str, interpret: bool = False,
+                        config: MosaicConfig | None = None) -> jax.Array:
+    """Mosaic GPU version of `pisa_jax.piecewise_attention` (arguments already checked).
+
+    The same contract as the Triton kernel's wrapper: q, k, v `[B, T, H, D]` ("bthd") or
+    `[B, H, T, D]` ("bhtd") in bfloat16 or float16, any T; statistics and selection as
+    the public API makes them. Needs a Hopper GPU (sm_90a). There is no interpret mode:
+    Pallas' Mosaic GPU interpreter (jax 0.11) cannot run wgmma accumulators.
+
+    Raises:
+      ValueError for interpret=True, or a dtype, block size or head dim the kernel does
+      not take.
+    """
+    if interpret:
+        raise ValueError("the Mosaic GPU attention kernel has no interpret mode; use "
+                         "implementation='triton' (interpret=True) or 'reference' off the GPU")
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"the Mosaic GPU attention kernel takes bfloat16 or float16 inputs; got "
+                         f"{jnp.dtype(q.dtype).name}: use implementation='triton'")
+    if stats.block_size != 64:
+        raise ValueError(f"the Mosaic GPU attention kernel takes block_size 64; got "
+                         f"{stats.block_size}: use implementation='triton'")
+    _head_dim(q.shape[-1])
+    run = inference_only(functools.partial(
+        _attention, block_size=stats.block_size, scale=scale, order=order, layout=layout,
+        config=config))
+    return run(q, k, v, selection.indices, stats.k_mean, stats.v_sum, stats.moment)
