@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	  echo "creating $(VENV) with $$base"; \
 	  $$base -m venv $(VENV); \
 	fi
+	@echo "installing pisa-jax and its dependencies into $(VENV) (first run only; a few minutes) ..."
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)

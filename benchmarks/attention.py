@@ -128,9 +128,8 @@ def extra_memory(q, k, v, density, use_bias):
             "fraction_of_qkv": mem.temp_size_in_bytes / qkv}
 
 
-# Launch configurations tried by --sweep: (warps, stages, key blocks per step, zeroth chunk,
-# indices in registers).
-SWEEP = [(4, 3, 1, 64, True), (4, 2, 1, 64, False), (4, 3, 1, 32, True), (4, 3, 1, 16, True)]
+# Launch configurations tried by --sweep: (warps, stages, zeroth chunk, indices in registers).
+SWEEP = [(4, 3, 64, True), (4, 2, 64, False), (4, 3, 32, True), (4, 3, 16, True)]
 
 
 def sweep(q, k, v, configs=SWEEP):
@@ -139,9 +138,8 @@ def sweep(q, k, v, configs=SWEEP):
                                           layout="bthd", interpret=False)
     sel = pj.select_blocks(stats, density=0.15, use_bias=True)
     rows, first = [], None
-    for warps, stages, key_blocks, chunk, in_registers in configs:
-        cfg = LaunchConfig(num_warps=warps, num_stages=stages, key_blocks=key_blocks,
-                           zeroth_chunk=chunk, indices_in_registers=in_registers)
+    for warps, stages, chunk, in_registers in configs:
+        cfg = LaunchConfig(num_warps=warps, num_stages=stages, zeroth_chunk=chunk, indices_in_registers=in_registers)
         kernel_only = attention_kernel_fn(cfg)
         try:
             out = kernel_only(q, k, v, stats, sel)

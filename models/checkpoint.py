@@ -34,12 +34,8 @@ def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except PermissionError:
-        raise CheckpointError(f"{path}: permission denied (cannot read)") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, expected a JSON file") from None
+    except OSError as e:
+        raise _os_error(path, e, "a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -47,15 +43,29 @@ def read_json(path: str) -> dict:
     return data
 
 
+def _os_error(path: str, e: OSError, what: str) -> CheckpointError:
+    """A `CheckpointError` naming `path` and the cause of an OS error."""
+    if isinstance(e, FileNotFoundError):
+        return CheckpointError(f"{path}: no such file")
+    if isinstance(e, PermissionError):
+        return CheckpointError(f"{path}: permission denied (cannot read)")
+    if isinstance(e, IsADirectoryError):
+        return CheckpointError(f"{path}: is a folder, expected {what}")
+    return CheckpointError(f"{path}: cannot read ({e.strerror or e})")
+
+
 def _open_safetensors(path: str):
-    """`safe_open` with errors that name the file and the cause."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a folder, expected a .safetensors file")
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(f"{path}: permission denied (cannot read)")
-    if os.path.getsize(path) == 0:
+    """`safe_open` with errors that name the file and the cause.
+
+    The file is opened for reading first, so that a missing file, a file without read
+    permission (mode 000) and a folder are told apart, and an empty file is named as such.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise _os_error(path, e, "a .safetensors file") from None
+    if not head:
         raise CheckpointError(f"{path}: empty file, expected safetensors data")
     try:
         return safe_open(path, framework="flax")
@@ -147,11 +157,44 @@ class TensorDict:
         pass
 
 
+class TensorStream:
+    """An iterator of `(name, array)` read from open tensor files, which it closes when
+    exhausted, when reading fails, or on `close()` / leaving a `with` block (also when it
+    was never iterated)."""
+
+    def __init__(self, files, items: Iterator[tuple[str, jax.Array]]):
+        self._files = files
+        self._items = items
+
+    def __iter__(self) -> "TensorStream":
+        return self
+
+    def __next__(self) -> tuple[str, jax.Array]:
+        try:
+            return next(self._items)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._files.close()
+
+    def __enter__(self) -> "TensorStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def safetensors_files(folder: str) -> list[str]:
     """The safetensors files of a folder: the shards its `*.safetensors.index.json` names
     (all must exist), else every `*.safetensors` in it."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such folder")
+    try:
+        os.listdir(folder)
+    except OSError as e:
+        raise _os_error(folder, e, "a folder") from None
     index = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")))
     if index:
         meta = read_json(index[0])
@@ -219,7 +262,9 @@ def check_writable_output(out: str) -> None:
     probe = parent
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+    if not os.path.isdir(probe):
+        raise CheckpointError(f"cannot write {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write {out}: no permission to write in {probe}")
 
 

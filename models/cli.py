@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pisa-jax", description="Piecewise sparse attention (PISA) for diffusion "
                                      "transformers in JAX.")
+    attention_cli.add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     attention_cli.register(sub)
     convert.register(sub)

@@ -14,9 +14,14 @@ from jax import Array
 LAYOUTS = ("bthd", "bhtd")
 
 
+def ceil_div(a: int, b: int) -> int:
+    """`ceil(a / b)` for positive integers, without floating point."""
+    return -(-a // b)
+
+
 def num_blocks(num_tokens: int, block_size: int) -> int:
     """`NT = ceil(T / bs)`."""
-    return -(-num_tokens // block_size)
+    return ceil_div(num_tokens, block_size)
 
 
 def block_lengths(num_tokens: int, block_size: int) -> np.ndarray:
@@ -38,7 +43,13 @@ def selection_size(density: float, nt: int, num_forced: int) -> int:
 
 
 def token_axis(layout: str) -> int:
+    """Axis of T in a 4D array of `layout` ("bthd": 1, "bhtd": 2)."""
     return 1 if layout == "bthd" else 2
+
+
+def head_axis(layout: str) -> int:
+    """Axis of H in a 4D array of `layout` ("bthd": 2, "bhtd": 1)."""
+    return 3 - token_axis(layout)
 
 
 def to_bhtd(x: Array, layout: str) -> Array:
@@ -53,7 +64,7 @@ def pad_tokens(x: Array, multiple: int, layout: str) -> Array:
     """Zero-pads the token axis up to a multiple of `multiple` (no-op when whole)."""
     axis = token_axis(layout)
     t = x.shape[axis]
-    extra = num_blocks(t, multiple) * multiple - t
+    extra = ceil_div(t, multiple) * multiple - t
     if extra == 0:
         return x
     widths = [(0, 0)] * x.ndim

@@ -15,23 +15,46 @@ from jaxtyping import Array, Float
 
 from pisa_jax import reference
 from pisa_jax._blocks import from_bhtd, num_blocks, to_bhtd
-from pisa_jax._checks import (ORDERS, check_block_size, check_choice, check_density, check_forced,
-                              check_qkv, check_scale)
+from pisa_jax._checks import (IMPLEMENTATIONS, ORDERS, check_block_size, check_bool,
+                              check_choice, check_density, check_dtype_for, check_forced,
+                              check_qkv, check_scale, check_selection, check_statistics)
 from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.selection import select_from_statistics
 
-IMPLEMENTATIONS = ("auto", "pallas", "reference")
 DENSE_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
 
 
-def _resolve(implementation: str, interpret) -> tuple[str, bool]:
+def _resolve(implementation: str, interpret, dtype=None) -> tuple[str, bool]:
     check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if interpret is not None:
+        check_bool("interpret", interpret)
     on_gpu = jax.default_backend() == "gpu"
     if implementation == "auto":
         implementation = "pallas" if on_gpu else "reference"
+    if dtype is not None:
+        check_dtype_for(implementation, dtype)
     if interpret is None:
         interpret = not on_gpu
     return implementation, bool(interpret)
+
+
+def _statistics(q, k, v, *, block_size, with_norms, layout, impl, interpret) -> BlockStatistics:
+    if impl == "pallas":
+        from pisa_jax.kernels import block_statistics as kernel
+        return kernel.block_statistics(q, k, v, block_size=block_size, with_norms=with_norms,
+                                       layout=layout, interpret=interpret)
+    return reference.block_statistics(*(to_bhtd(x, layout) for x in (q, k, v)),
+                                      block_size=block_size, with_norms=with_norms)
+
+
+def _attend(q, k, v, stats, selection, *, scale, order, layout, impl, interpret):
+    if impl == "pallas":
+        from pisa_jax.kernels import piecewise_attention as kernel
+        return kernel.piecewise_attention(q, k, v, stats, selection, scale=scale, order=order,
+                                          layout=layout, interpret=interpret)
+    out = reference.piecewise_attention(*(to_bhtd(x, layout) for x in (q, k, v)), stats,
+                                        selection, scale=scale, order=order)
+    return from_bhtd(out, layout)
 
 
 # ------------------------------------------------------------------------------ stages
@@ -50,17 +73,15 @@ def block_statistics(
     Returns:
       A `BlockStatistics` with `[B, H, ...]` float32 arrays (float64 for float64 input).
     Raises:
-      ValueError / TypeError naming the argument for bad input.
+      ValueError / TypeError naming the argument for bad input (float64 with
+      implementation="pallas" included: only the reference takes it).
     """
     check_qkv(q, k, v, layout, self_attention=True)
     block_size = check_block_size(block_size)
-    impl, interpret = _resolve(implementation, interpret)
-    if impl == "pallas":
-        from pisa_jax.kernels import block_statistics as kernel
-        return kernel.block_statistics(q, k, v, block_size=block_size, with_norms=with_norms,
-                                       layout=layout, interpret=interpret)
-    return reference.block_statistics(*(to_bhtd(x, layout) for x in (q, k, v)),
-                                      block_size=block_size, with_norms=with_norms)
+    with_norms = check_bool("with_norms", with_norms)
+    impl, interpret = _resolve(implementation, interpret, q.dtype)
+    return _statistics(q, k, v, block_size=block_size, with_norms=with_norms, layout=layout,
+                       impl=impl, interpret=interpret)
 
 
 def select_blocks(
@@ -82,13 +103,13 @@ def select_blocks(
     density = check_density(density)
     scale = check_scale(scale, stats.q_mean.shape[-1])
     forced = check_forced(forced_blocks, stats.num_blocks)
+    use_bias = check_bool("use_bias", use_bias)
     if use_bias and stats.moment_norms is None:
         raise ValueError("use_bias=True needs statistics computed with with_norms=True; "
                          "got statistics without moment_norms")
     impl, interpret = _resolve(implementation, interpret)
-    return select_from_statistics(stats, density=density, scale=scale,
-                                  use_bias=bool(use_bias), forced_blocks=forced,
-                                  implementation=impl, interpret=interpret)
+    return select_from_statistics(stats, density=density, scale=scale, use_bias=use_bias,
+                                  forced_blocks=forced, implementation=impl, interpret=interpret)
 
 
 def piecewise_attention(
@@ -97,28 +118,23 @@ def piecewise_attention(
     order: int = 1, layout: str = "bthd", implementation: str = "auto",
     interpret: bool | None = None,
 ) -> Float[Array, "..."]:
-    """PISA output from precomputed statistics and selection; q's shape, dtype and layout."""
+    """PISA output from precomputed statistics and selection; q's shape, dtype and layout.
+
+    `stats` must come from `block_statistics` of q, k, v of the same shapes, and
+    `selection` from `select_blocks` of statistics with the same block count. Checked:
+    every shape (head dim and block count included) and, outside `jit`, that the
+    selected indices lie in [0, NT) and are distinct per row (a small device-side
+    reduction read back to the host). Not checkable without recomputing them: that the
+    statistics were computed from these very q, k, v.
+    """
     b, t, h, d = check_qkv(q, k, v, layout, self_attention=True)
     check_choice("order", order, ORDERS)
     scale = check_scale(scale, d)
-    if not isinstance(stats, BlockStatistics) or not isinstance(selection, Selection):
-        raise TypeError("stats must be a BlockStatistics and selection a Selection; got "
-                        f"{type(stats).__name__} and {type(selection).__name__}")
-    nt = num_blocks(t, stats.block_size)
-    if stats.num_tokens != t or stats.q_mean.shape[:2] != (b, h):
-        raise ValueError(f"stats were computed for [B, H] = {tuple(stats.q_mean.shape[:2])} and "
-                         f"T = {stats.num_tokens}; got q with [B, H] = {(b, h)} and T = {t}")
-    if selection.num_blocks != nt or selection.indices.shape[:3] != (b, h, nt):
-        raise ValueError(f"selection must have indices [B, H, NT, K] = [{b}, {h}, {nt}, K]; "
-                         f"got {tuple(selection.indices.shape)} for NT = {selection.num_blocks}")
-    impl, interpret = _resolve(implementation, interpret)
-    if impl == "pallas":
-        from pisa_jax.kernels import piecewise_attention as kernel
-        return kernel.piecewise_attention(q, k, v, stats, selection, scale=scale, order=order,
-                                          layout=layout, interpret=interpret)
-    out = reference.piecewise_attention(*(to_bhtd(x, layout) for x in (q, k, v)), stats,
-                                        selection, scale=scale, order=order)
-    return from_bhtd(out, layout)
+    check_statistics(stats, b, t, h, d)
+    check_selection(selection, b, h, num_blocks(t, stats.block_size))
+    impl, interpret = _resolve(implementation, interpret, q.dtype)
+    return _attend(q, k, v, stats, selection, scale=scale, order=order, layout=layout,
+                   impl=impl, interpret=interpret)
 
 
 # ------------------------------------------------------------------------ whole calls
@@ -142,7 +158,8 @@ def piecewise_sparse_attention(
         -1 = keep-or-drop (exact path only).
       use_bias: add `log(||H_j||_F + 1e-5)` to the selection scores.
       forced_blocks: key-block indices always selected (negative counts from the end).
-      implementation: "pallas", "reference" or "auto" (Pallas on a GPU).
+      implementation: "pallas", "reference" or "auto" (Pallas on a GPU). "pallas" takes
+        bfloat16, float16 and float32; float64 is refused with a TypeError.
       interpret: run the Pallas kernels in interpret mode (default: when not on a GPU).
     Returns:
       An array of q's shape, dtype and layout.
@@ -155,13 +172,15 @@ def piecewise_sparse_attention(
     check_choice("order", order, ORDERS)
     scale = check_scale(scale, d)
     forced = check_forced(forced_blocks, num_blocks(t, block_size))
-    impl, interpret = _resolve(implementation, interpret)
-    common = dict(layout=layout, implementation=impl, interpret=interpret)
-    stats = block_statistics(q, k, v, block_size=block_size, with_norms=bool(use_bias), **common)
-    selection = select_from_statistics(stats, density=density, scale=scale,
-                                       use_bias=bool(use_bias), forced_blocks=forced,
-                                       implementation=impl, interpret=interpret)
-    return piecewise_attention(q, k, v, stats, selection, scale=scale, order=order, **common)
+    use_bias = check_bool("use_bias", use_bias)
+    impl, interpret = _resolve(implementation, interpret, q.dtype)
+    # Checked once above: the stages below are the unchecked internals.
+    common = dict(layout=layout, impl=impl, interpret=interpret)
+    stats = _statistics(q, k, v, block_size=block_size, with_norms=use_bias, **common)
+    selection = select_from_statistics(stats, density=density, scale=scale, use_bias=use_bias,
+                                       forced_blocks=forced, implementation=impl,
+                                       interpret=interpret)
+    return _attend(q, k, v, stats, selection, scale=scale, order=order, **common)
 
 
 def dense_attention(

@@ -8,15 +8,14 @@ grid, and a FLUX-style 2D rotary embedding on queries and keys.
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pisa_jax as pj
-from pisa_jax.metrics import relative_error
+from pisa_jax.metrics import relative_error, time_per_call
 from pisa_jax.tokens import tile_major_permutation
 
 
@@ -63,54 +62,66 @@ def structured_problem(seed: int = 0, side: int = 48, heads: int = 4, head_dim: 
     return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
 
 
-def _time(fn, *args, reps: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run(side: int = 48, heads: int = 4, head_dim: int = 64, densities=(0.1, 0.15, 0.25, 0.5),
-        seed: int = 0, print_fn=print) -> list[dict]:
-    """Prints and returns one row per method: relative error vs dense and ms per call."""
+        seed: int = 0, print_fn=None) -> list[dict]:
+    """Prints (each row as soon as it is measured) and returns one row per method:
+    relative error vs dense and ms per call. `print_fn` defaults to a flushing print."""
+    print_fn = print_fn or functools.partial(print, flush=True)
     on_gpu = jax.default_backend() == "gpu"
     impl = "pallas" if on_gpu else "reference"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    q, k, v = structured_problem(seed, side, heads, head_dim)
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
-    t = q.shape[1]
+    t = side * side
     print_fn(f"PISA demo: {side}x{side} tokens (T = {t}) in 8x8 tile-major order, {heads} heads, "
              f"D = {head_dim}, {jnp.dtype(dtype).name}, block size 64, "
              f"implementation: {impl} on {jax.default_backend()}")
+    print_fn("  density: fraction of key blocks each query block computes exactly\n"
+             "  rel. error vs dense: ||out - exact|| / ||exact||, exact = float32 dense attention\n"
+             "  ms/call: median time of one jitted call, after compiling\n"
+             f"{1 + 3 * len(densities)} rows, each printed once compiled and timed:\n")
+    q, k, v = structured_problem(seed, side, heads, head_dim)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
     exact = pj.dense_attention(q, k, v, implementation="reference").astype(jnp.float32)
-    dense = jax.jit(lambda q, k, v: pj.dense_attention(q, k, v))
-    rows = [dict(method="dense", density=1.0,
-                 error=relative_error(dense(q, k, v), exact), ms=1e3 * _time(dense, q, k, v))]
+    print_fn(f"{'method':<14} {'density':>7} {'rel. error vs dense':>20} {'ms/call':>9}")
+    rows = []
+
+    def add(method, density, fn):
+        rows.append(dict(method=method, density=density, error=relative_error(fn(q, k, v), exact),
+                         ms=1e3 * time_per_call(fn, q, k, v, reps=5, target_s=0.0)))
+        r = rows[-1]
+        print_fn(f"{r['method']:<14} {_density(r['density']):>7} {r['error']:>20.4f} "
+                 f"{r['ms']:>9.2f}")
+
+    add("dense", 1.0, jax.jit(lambda q, k, v: pj.dense_attention(q, k, v)))
     names = {1: "PISA order 1", 0: "PISA order 0", -1: "keep-or-drop"}
     for density in densities:
         for order in (1, 0, -1):
-            fn = jax.jit(lambda q, k, v, d=density, o=order: pj.piecewise_sparse_attention(
-                q, k, v, density=d, order=o, use_bias=True, implementation=impl))
-            rows.append(dict(method=names[order], density=density,
-                             error=relative_error(fn(q, k, v), exact), ms=1e3 * _time(fn, q, k, v)))
-    print_fn(f"\n{'method':<14} {'density':>7} {'rel. error vs dense':>20} {'ms/call':>9}")
-    for r in rows:
-        print_fn(f"{r['method']:<14} {r['density']:>7.2f} {r['error']:>20.4f} {r['ms']:>9.2f}")
+            add(names[order], density, jax.jit(
+                lambda q, k, v, d=density, o=order: pj.piecewise_sparse_attention(
+                    q, k, v, density=d, order=o, use_bias=True, implementation=impl)))
     if not on_gpu:
         print_fn("\n(no GPU: the reference forms every logit, so these times show no speedup; "
                  "the Pallas kernels on an H200 do, see benchmarks/RESULTS.md)")
     return rows
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """Relative error against dense attention per density, one line per method."""
+def _density(d: float) -> str:
+    """Two decimals where they show the value, more where they would round it away."""
+    text = f"{d:.2f}"
+    return text if float(text) == d else f"{d:.3g}"
+
+
+def check_plotting() -> None:
+    """Raises SystemExit with an install hint when matplotlib is missing."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'pisa-jax[plot]'") from None
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Relative error against dense attention per density, one line per method."""
+    check_plotting()
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -6,12 +6,14 @@ Inference only: the Pallas kernels have no backward pass.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 from flax import nnx
 
-from pisa_jax._blocks import num_blocks
-from pisa_jax._checks import ORDERS, check_block_size, check_choice, check_density
+from pisa_jax._blocks import LAYOUTS, num_blocks, token_axis
+from pisa_jax._checks import (IMPLEMENTATIONS, ORDERS, check_block_size, check_bool,
+                              check_choice, check_density)
 from pisa_jax.api import dense_attention, piecewise_sparse_attention
 
 KINDS = ("pisa", "dense")
@@ -27,6 +29,10 @@ class AttentionPolicy:
       exact_text: keep the blocks holding the text tokens (the sequence's first tokens in
         a joint text-image sequence) always selected.
       implementation: "auto", "pallas" or "reference" for the PISA layers.
+
+    Every field is checked when the policy is built. A dense policy takes no PISA option:
+    `AttentionPolicy(kind="dense", density=0.3)` is refused, as the density would do
+    nothing.
     """
 
     kind: str = "pisa"
@@ -39,19 +45,43 @@ class AttentionPolicy:
 
     def __post_init__(self):
         check_choice("kind", self.kind, KINDS)
-        if self.kind == "pisa":
-            check_density(self.density)
-            check_choice("order", self.order, ORDERS)
-            check_block_size(self.block_size)
+        if self.kind == "dense":
+            defaults = AttentionPolicy.__dataclass_fields__
+            given = {f: getattr(self, f) for f in defaults if f != "kind"
+                     and getattr(self, f) != defaults[f].default}
+            if given:
+                raise ValueError("AttentionPolicy(kind='dense') takes no PISA options (they "
+                                 f"would do nothing); got {given}")
+            return
+        object.__setattr__(self, "density", check_density(self.density))
+        check_choice("order", self.order, ORDERS)
+        check_block_size(self.block_size)
+        check_bool("use_bias", self.use_bias)
+        check_bool("exact_text", self.exact_text)
+        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
 
 
 DENSE = AttentionPolicy(kind="dense")
 
 
 def layer_policies(num_layers: int, *, dense_layers: int = 4, **pisa_options) -> tuple:
-    """The published FLUX setting by default: first `dense_layers` dense, the rest PISA."""
-    if not 0 <= dense_layers <= num_layers:
-        raise ValueError(f"dense_layers must be in [0, {num_layers}]; got {dense_layers}")
+    """The published FLUX setting by default: first `dense_layers` dense, the rest PISA.
+
+    `pisa_options` are `AttentionPolicy` fields of the PISA layers (density, order, ...);
+    they are refused when every layer is dense, since they would do nothing.
+    """
+    for name, value, low in (("num_layers", num_layers, 1), ("dense_layers", dense_layers, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    if dense_layers > num_layers:
+        raise ValueError(f"dense_layers must be in [0, num_layers = {num_layers}]; "
+                         f"got {dense_layers}")
+    if "kind" in pisa_options:
+        raise TypeError("layer_policies sets each layer's kind itself; got kind="
+                        f"{pisa_options['kind']!r}")
+    if dense_layers == num_layers and pisa_options:
+        raise ValueError(f"all {num_layers} layers are dense (dense_layers = {dense_layers}): "
+                         f"the PISA options {sorted(pisa_options)} would do nothing")
     pisa = AttentionPolicy(kind="pisa", **pisa_options)
     return tuple(DENSE if i < dense_layers else pisa for i in range(num_layers))
 
@@ -59,8 +89,9 @@ def layer_policies(num_layers: int, *, dense_layers: int = 4, **pisa_options) ->
 class Attention(nnx.Module):
     """Parameter-free attention op of one layer, following its `AttentionPolicy`.
 
-    Call with q, k, v `[B, H, T, D]` (layout "bhtd", as multi-head projections produce
-    them) or `[B, T, H, D]` with `layout="bthd"`; returns the same layout and dtype.
+    Call with q, k, v `[B, T, H, D]` (layout "bthd", the default, as everywhere in
+    pisa_jax) or `[B, H, T, D]` with `layout="bhtd"`; returns the same layout and dtype.
+    `num_text_tokens` (>= 0) counts the text tokens at the start of a joint sequence.
     `dense=True` forces dense attention for this call (e.g. a sampler's first steps).
     Dense attention is cuDNN on a GPU (half types) and XLA elsewhere.
     """
@@ -71,13 +102,17 @@ class Attention(nnx.Module):
         self.policy = policy
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, num_text_tokens: int = 0,
-                 dense: bool = False, layout: str = "bhtd") -> jax.Array:
+                 dense: bool = False, layout: str = "bthd") -> jax.Array:
         p = self.policy
-        if dense or p.kind == "dense":
+        if (isinstance(num_text_tokens, bool) or not isinstance(num_text_tokens, numbers.Integral)
+                or num_text_tokens < 0):
+            raise ValueError(f"num_text_tokens must be an integer >= 0; got {num_text_tokens!r}")
+        if check_bool("dense", dense) or p.kind == "dense":
             return dense_attention(q, k, v, layout=layout)
         forced = None
-        if p.exact_text and num_text_tokens > 0:
-            t = q.shape[2 if layout == "bhtd" else 1]
+        if p.exact_text and num_text_tokens > 0 and getattr(q, "ndim", 0) == 4:
+            check_choice("layout", layout, LAYOUTS)
+            t = q.shape[token_axis(layout)]
             forced = range(min(num_blocks(num_text_tokens, p.block_size), num_blocks(t, p.block_size)))
         return piecewise_sparse_attention(
             q, k, v, density=p.density, block_size=p.block_size, order=p.order,

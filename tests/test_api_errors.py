@@ -84,10 +84,22 @@ def test_stale_statistics_or_selection_are_refused():
     q, k, v = _qkv()
     st = pj.block_statistics(q, k, v, block_size=16, implementation="reference")
     sel = pj.select_blocks(st)
-    with pytest.raises(ValueError, match="stats were computed for"):
+    with pytest.raises(ValueError, match=r"stats must come from q, k, v of \[B, T, H, D\] = "
+                                         r"\[1, 90, 2, 16\]; they were computed for T = 100"):
         pj.piecewise_attention(q[:, :90], k[:, :90], v[:, :90], st, sel, implementation="reference")
     with pytest.raises(TypeError, match="stats must be a BlockStatistics"):
         pj.piecewise_attention(q, k, v, {"q_mean": 1}, sel, implementation="reference")
+    # Statistics of another head dim (same T, B, H): refused by shape, not an einsum error.
+    st8 = pj.block_statistics(q[..., :8], k[..., :8], v[..., :8], block_size=16,
+                              implementation="reference")
+    with pytest.raises(ValueError, match=r"\[1, 100, 2, 16\].*q_mean \(1, 2, 7, 8\)"):
+        pj.piecewise_attention(q, k, v, st8, sel, implementation="reference")
+    # A selection made for another block size (NT = 4 instead of 7).
+    sel32 = pj.select_blocks(pj.block_statistics(q, k, v, block_size=32,
+                                                 implementation="reference"))
+    with pytest.raises(ValueError, match=r"selection must have indices \[B, H, NT, K\] = "
+                                         r"\[1, 2, 7, K\].*got \(1, 2, 4, 1\) for NT = 4"):
+        pj.piecewise_attention(q, k, v, st, sel32, implementation="reference")
 
 
 def test_errors_are_raised_under_jit_too():
@@ -103,3 +115,129 @@ def test_dense_attention_checks_its_arguments():
         pj.dense_attention(q, k, v, layout="x")
     out = pj.dense_attention(q, k[:, :40], v[:, :40])       # cross-attention is allowed
     assert out.shape == q.shape
+
+
+# ------------------------------------------------------------------ hardening (issue cases)
+
+def test_empty_dimensions_are_refused_by_name():
+    q, k, v = _qkv()
+    for bad in ((q[:, :0], k[:, :0], v[:, :0]), (q[..., :0], k[..., :0], v[..., :0])):
+        with pytest.raises(ValueError, match=r"q must have at least one element along each "
+                                             r"dimension \[B, T, H, D\]; got shape"):
+            _call(qkv=bad)
+        with pytest.raises(ValueError, match="at least one element"):
+            pj.block_statistics(*bad, implementation="reference")
+        with pytest.raises(ValueError, match="at least one element"):
+            pj.dense_attention(*bad)
+
+
+def test_float64_with_pallas_is_refused_up_front():
+    with jax.enable_x64(True):
+        q, k, v = _qkv(dtype=jnp.float64)
+        msg = (r"implementation='pallas' takes bfloat16, float16, float32 inputs; got float64: "
+               r"use implementation='reference'")
+        with pytest.raises(TypeError, match=msg):
+            _call(qkv=(q, k, v), implementation="pallas", interpret=True)
+        with pytest.raises(TypeError, match=msg):
+            pj.block_statistics(q, k, v, implementation="pallas", interpret=True)
+        st = pj.block_statistics(q, k, v, block_size=16, implementation="reference")
+        with pytest.raises(TypeError, match=msg):
+            pj.piecewise_attention(q, k, v, st, pj.select_blocks(st), implementation="pallas",
+                                   interpret=True)
+        assert _call(qkv=(q, k, v)).dtype == jnp.float64       # the reference takes it
+
+
+def _selection(indices, nt=7):
+    return pj.Selection(indices=jnp.asarray(indices, jnp.int32), num_blocks=nt)
+
+
+def test_selection_indices_out_of_range_or_repeated_are_refused():
+    q, k, v = _qkv()
+    st = pj.block_statistics(q, k, v, block_size=16, implementation="reference")
+    good = np.asarray(pj.select_blocks(st, density=0.3).indices)          # K = 2
+    attend = lambda idx: pj.piecewise_attention(q, k, v, st, _selection(idx),
+                                                implementation="reference")
+    assert attend(good).shape == q.shape
+    for value, pattern in ((7, r"must lie in \[0, 7\); got values from 0 to 7"),
+                           (-1, r"must lie in \[0, 7\); got values from -1 to")):
+        bad = good.copy()
+        bad[0, 1, 3, 0] = value
+        with pytest.raises(ValueError, match=pattern):
+            attend(bad)
+    bad = good.copy()
+    bad[0, 0, 5, 1] = bad[0, 0, 5, 0]
+    with pytest.raises(ValueError, match="must be distinct within each query block's row"):
+        attend(bad)
+    with pytest.raises(TypeError, match="selection.indices must be integers; got float32"):
+        pj.piecewise_attention(q, k, v, st, pj.Selection(jnp.asarray(good, jnp.float32), 7),
+                               implementation="reference")
+    with pytest.raises(ValueError, match=r"1 <= K <= 7"):
+        attend(np.zeros((1, 2, 7, 8), np.int32))
+    # Under jit the values are not known: the shapes are still checked, the values not.
+    jitted = jax.jit(lambda idx: pj.piecewise_attention(q, k, v, st, _selection(idx),
+                                                        implementation="reference"))
+    assert jitted(good).shape == q.shape
+
+
+def test_numbers_given_as_arrays_are_taken_and_traced_ones_refused_clearly():
+    q, k, v = _qkv()
+    want = _call(scale=0.1, density=0.3)
+    got = _call(scale=jnp.float32(0.1), density=np.float32(0.3))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(TypeError, match="scale must be a concrete number .* got a traced array"):
+        jax.jit(lambda s: _call(scale=s))(0.1)
+    with pytest.raises(TypeError, match="scale must be None or a finite positive number; got '1'"):
+        _call(scale="1")
+    with pytest.raises(TypeError, match="density must be a real number in \\(0, 1\\]; got True"):
+        _call(density=True)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(use_bias="no"), "use_bias must be True or False; got 'no'"),
+    (dict(order=True), r"order must be one of \(1, 0, -1\); got True"),
+    (dict(interpret="yes"), "interpret must be True or False; got 'yes'"),
+])
+def test_flags_must_be_booleans(kw, pattern):
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        _call(**kw)
+
+
+def test_attention_module_default_layout_is_bthd_like_every_function():
+    q, k, v = _qkv((1, 40, 3, 16))                       # [B, T, H, D]
+    want = pj.dense_attention(q, k, v)
+    np.testing.assert_allclose(pj.Attention()(q, k, v), want, rtol=1e-6, atol=1e-6)
+    pisa = pj.Attention(pj.AttentionPolicy(density=1.0, block_size=16,
+                                           implementation="reference"))
+    np.testing.assert_allclose(pisa(q, k, v), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,error,pattern", [
+    (dict(implementation="typo"), ValueError, r"implementation must be one of .*got 'typo'"),
+    (dict(use_bias="no"), TypeError, "use_bias must be True or False; got 'no'"),
+    (dict(exact_text=1), TypeError, "exact_text must be True or False; got 1"),
+    (dict(kind="dense", density=0.3), ValueError,
+     r"AttentionPolicy\(kind='dense'\) takes no PISA options .*got \{'density': 0.3\}"),
+])
+def test_attention_policy_is_checked_when_built(kw, error, pattern):
+    with pytest.raises(error, match=pattern):
+        pj.AttentionPolicy(**kw)
+
+
+def test_layer_policies_messages_name_the_bad_argument():
+    with pytest.raises(ValueError, match="num_layers must be an integer >= 1; got -1"):
+        pj.layer_policies(-1)
+    with pytest.raises(ValueError, match=r"dense_layers must be in \[0, num_layers = 3\]; got 4"):
+        pj.layer_policies(3)
+    with pytest.raises(ValueError, match=r"all 2 layers are dense .* \['density'\] would do nothing"):
+        pj.layer_policies(2, dense_layers=2, density=0.3)
+    assert [p.kind for p in pj.layer_policies(3, dense_layers=1)] == ["dense", "pisa", "pisa"]
+
+
+def test_attention_module_checks_its_call_options():
+    q, k, v = _qkv((1, 40, 3, 16))
+    attn = pj.Attention(pj.AttentionPolicy(block_size=16, exact_text=True,
+                                           implementation="reference"))
+    with pytest.raises(ValueError, match="num_text_tokens must be an integer >= 0; got -3"):
+        attn(q, k, v, num_text_tokens=-3)
+    with pytest.raises(TypeError, match="dense must be True or False; got 'no'"):
+        attn(q, k, v, dense="no")

@@ -62,4 +62,6 @@ def test_bfloat16_model_stays_close_to_float32():
     model = load_flux(os.path.join(FIXTURES, "flux_schnell_diffusers"), attention="dense")
     out = _forward(model, io)
     assert out.dtype == jnp.bfloat16
-    assert relative_error(out, io["expected"]) <= 5e-2
+    # Measured 6.3e-3 (bf16 weights and activations, float32 norms and rope); the bound
+    # leaves 1.6x of that for rounding that differs between machines.
+    assert relative_error(out, io["expected"]) <= 1e-2

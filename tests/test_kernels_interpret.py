@@ -8,6 +8,7 @@ the comparison.
 from __future__ import annotations
 
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,10 +41,10 @@ def test_block_statistics_kernel_matches_reference(t, bs, d, layout):
     q, k, v = _qkv(t, 2, t, 3, d, layout)
     got = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **PALLAS)
     want = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **REF)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    chex.assert_type(got.moment, jnp.float32)
     for name in ("q_mean", "k_mean", "v_sum", "moment", "moment_norms"):
-        a, b = getattr(got, name), getattr(want, name)
-        assert a.shape == b.shape and a.dtype == jnp.float32, name
-        assert relative_error(a, b) < 1e-5, name
+        assert relative_error(getattr(got, name), getattr(want, name)) < 1e-5, name
     assert got.moment_norms is not None
     no_norms = pj.block_statistics(q, k, v, block_size=bs, layout=layout, **PALLAS)
     assert no_norms.moment_norms is None
@@ -99,28 +100,47 @@ def test_float16_first_order_with_moment_beyond_float16_range():
     assert relative_error(got, want) <= 1e-2
 
 
-@pytest.mark.parametrize("key_blocks,zeroth_chunk,in_registers,layout", [
-    (1, 32, True, "bhtd"),    # one block per step, index row read as one vector
-    (2, 32, True, "bthd"),    # 7 selected blocks: three pairs and a masked tail
-    (4, 128, False, "bhtd"),  # one group of four and a tail of three
-    (4, 64, True, "bthd"),    # the same, picking the group's indices from the index row
-    (8, 16, False, "bthd"),   # fewer selected blocks than one group: only the tail step
+@pytest.mark.parametrize("zeroth_chunk,in_registers,layout", [
+    (32, True, "bhtd"),     # the index row read once as a vector
+    (16, False, "bthd"),    # one scalar index load per step, chunks smaller than a word
+    (128, True, "bthd"),    # one zeroth-order chunk covers every block
 ])
-def test_launch_variants_match_reference(key_blocks, zeroth_chunk, in_registers, layout):
+def test_launch_variants_match_reference(zeroth_chunk, in_registers, layout):
     from pisa_jax.kernels import piecewise_attention as kernel
     from pisa_jax.kernels._common import LaunchConfig
     t, bs = 300, 16      # 19 blocks, the last one partial (12 tokens)
-    q, k, v = _qkv(key_blocks, 2, t, 2, 32, layout)
+    q, k, v = _qkv(zeroth_chunk, 2, t, 2, 32, layout)
     stats = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **REF)
     sel = pj.select_blocks(stats, density=0.4, use_bias=True, forced_blocks=[-1])
     assert sel.indices.shape[-1] == 7
-    config = LaunchConfig(key_blocks=key_blocks, zeroth_chunk=zeroth_chunk,
-                          indices_in_registers=in_registers)
+    config = LaunchConfig(zeroth_chunk=zeroth_chunk, indices_in_registers=in_registers)
     for order in (1, -1):
         got = kernel.piecewise_attention(q, k, v, stats, sel, scale=32 ** -0.5, order=order,
                                          layout=layout, interpret=True, config=config)
         want = pj.piecewise_attention(q, k, v, stats, sel, order=order, layout=layout, **REF)
         assert relative_error(got, want) < 1e-5, order
+
+
+@pytest.mark.parametrize("multiprocessors", [1, 1000])
+def test_statistics_partition_follows_the_multiprocessor_count(multiprocessors, monkeypatch):
+    # 1 multiprocessor: runs of the 96-block maximum; 1000: runs of the 4-block minimum.
+    from pisa_jax.kernels import block_statistics as kernel
+    monkeypatch.setattr(kernel, "multiprocessor_count", lambda: multiprocessors)
+    q, k, v = _qkv(multiprocessors, 1, 16 * 150 - 5, 1, 16)      # 150 blocks, last partial
+    got = pj.block_statistics(q, k, v, block_size=16, with_norms=True, **PALLAS)
+    want = pj.block_statistics(q, k, v, block_size=16, with_norms=True, **REF)
+    for name in ("q_mean", "v_sum", "moment", "moment_norms"):
+        assert relative_error(getattr(got, name), getattr(want, name)) < 1e-5, name
+
+
+def test_multiprocessor_count_comes_from_the_device(monkeypatch):
+    from types import SimpleNamespace
+    from pisa_jax.kernels import _common
+    for device, want in ((SimpleNamespace(core_count=78), 78), (SimpleNamespace(), 132)):
+        monkeypatch.setattr(_common.jax, "devices", lambda d=device: [d])
+        _common.multiprocessor_count.cache_clear()
+        assert _common.multiprocessor_count() == want
+    _common.multiprocessor_count.cache_clear()
 
 
 def test_skip_bits_mark_selected_and_padding_blocks():
@@ -173,8 +193,8 @@ def test_pallas_selection_matches_reference_selection(kernel_from, monkeypatch):
 
 def test_launch_config_refuses_bad_values():
     from pisa_jax.kernels._common import LaunchConfig
-    with pytest.raises(ValueError, match="key_blocks: expected a power of two, got 3"):
-        LaunchConfig(key_blocks=3)
+    with pytest.raises(ValueError, match="zeroth_chunk: expected a power of two, got 48"):
+        LaunchConfig(zeroth_chunk=48)
     with pytest.raises(ValueError, match="num_warps: expected a positive int, got 0"):
         LaunchConfig(num_warps=0)
     with pytest.raises(ValueError, match="num_stages: expected a positive int, got True"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,13 +24,34 @@ class FluxConfig:
     guidance_embed: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim",
+                     "hidden_size", "num_heads", "depth", "depth_single_blocks", "theta"):
+            value = getattr(self, name)
+            low = 0 if name.startswith("depth") else 1
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"FluxConfig.{name} must be an integer >= {low}; got {value!r}")
+        if (isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, numbers.Real)
+                or not self.mlp_ratio > 0):
+            raise ValueError(f"FluxConfig.mlp_ratio must be a positive number; got "
+                             f"{self.mlp_ratio!r}")
+        for name in ("qkv_bias", "guidance_embed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FluxConfig.{name} must be True or False; got "
+                                 f"{getattr(self, name)!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_heads ({self.num_heads})")
-        if sum(self.axes_dim) != self.head_dim or any(a % 2 for a in self.axes_dim):
-            raise ValueError(f"axes_dim must be even and sum to the head dim {self.head_dim}; "
-                             f"got {self.axes_dim}")
+        try:
+            axes = tuple(self.axes_dim)
+        except TypeError:
+            axes = None
+        if (axes is None or len(axes) != 3 or any(isinstance(a, bool) or not isinstance(a, numbers.Integral)
+                            for a in axes)
+                or any(a <= 0 or a % 2 for a in axes) or sum(axes) != self.head_dim):
+            raise ValueError(f"axes_dim (the rotary embedding's dims per position axis) must be "
+                             f"three positive even integers (one per id axis) summing to the head dim "
+                             f"{self.head_dim} = hidden_size / num_heads; got {self.axes_dim!r}")
+        object.__setattr__(self, "axes_dim", tuple(int(a) for a in axes))
 
     @property
     def head_dim(self) -> int:

@@ -29,11 +29,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles,
+from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles, TensorStream,
                                atomic_folder, check_writable_output, fill_model, read_json,
                                safetensors_files, write_sharded)
 from models.flux.config import FluxConfig
-from models.flux.model import Flux, default_policies
+from models.flux.model import Flux, check_dtype, default_policies
+from pisa_jax.cli import comma_list
 
 BFL_PREFIX = "model.diffusion_model."
 FORMAT = "pisa-jax-flux"
@@ -60,11 +61,26 @@ def _source_kind(src: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------ hyperparameters
 
+def _config(source: str, make) -> FluxConfig:
+    """`make()`, with a config that does not check out reported against `source`."""
+    try:
+        return make()
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: not a valid FLUX configuration ({e})") from None
+
+
 def config_from_diffusers(folder: str, axes_dim=None) -> FluxConfig:
-    c = read_json(os.path.join(folder, "config.json"))
+    path = os.path.join(folder, "config.json")
+    c = read_json(path)
     if c.get("patch_size", 1) != 1:
-        raise CheckpointError(f"only patch_size 1 (packed latents) is supported; got "
+        raise CheckpointError(f"{path}: only patch_size 1 (packed latents) is supported; got "
                               f"{c['patch_size']}")
+    return _config(path, lambda: _diffusers_config(c, axes_dim))
+
+
+def _diffusers_config(c: dict, axes_dim) -> FluxConfig:
     heads, hd = c.get("num_attention_heads", 24), c.get("attention_head_dim", 128)
     return FluxConfig(
         in_channels=c.get("in_channels", 64),
@@ -77,18 +93,18 @@ def config_from_diffusers(folder: str, axes_dim=None) -> FluxConfig:
         guidance_embed=bool(c.get("guidance_embeds", False)))
 
 
-def config_from_bfl(files: TensorFiles, axes_dim=None) -> FluxConfig:
+def config_from_bfl(files: TensorFiles, axes_dim=None, source: str = "checkpoint") -> FluxConfig:
     names = files.names()
     need = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight",
             "double_blocks.0.img_attn.norm.query_norm.scale", "double_blocks.0.img_mlp.0.weight",
             "final_layer.linear.weight"]
     missing = [n for n in need if n not in names]
     if missing:
-        raise CheckpointError(f"not a FLUX single-file checkpoint: missing {missing}")
+        raise CheckpointError(f"{source}: not a FLUX single-file checkpoint: missing {missing}")
     hidden, in_ch = files.shape("img_in.weight")
     head_dim = files.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
     count = lambda p: len({n.split(".")[1] for n in names if n.startswith(p)})
-    return FluxConfig(
+    return _config(source, lambda: FluxConfig(
         in_channels=in_ch, out_channels=files.shape("final_layer.linear.weight")[0],
         vec_in_dim=files.shape("vector_in.in_layer.weight")[1],
         context_in_dim=files.shape("txt_in.weight")[1], hidden_size=hidden,
@@ -97,7 +113,7 @@ def config_from_bfl(files: TensorFiles, axes_dim=None) -> FluxConfig:
         depth_single_blocks=count("single_blocks."),
         axes_dim=tuple(axes_dim or (16, 56, 56)),
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in names,
-        guidance_embed="guidance_in.in_layer.weight" in names)
+        guidance_embed="guidance_in.in_layer.weight" in names))
 
 
 # -------------------------------------------------------------------- name mapping
@@ -172,25 +188,36 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
     Every check that can be made from names and shapes alone (missing, unexpected,
     mis-shaped tensors) runs before the first tensor is yielded.
     """
+    check_dtype(dtype)
     kind, path = _source_kind(src)
     if kind == "converted":
-        meta = read_json(os.path.join(path, "config.json"))
-        cfg = FluxConfig(**{k: v for k, v in meta.items() if k not in ("format", "dtype")})
-        files = TensorFiles(sorted(glob.glob(os.path.join(path, "model-*.safetensors"))))
+        cfg_path = os.path.join(path, "config.json")
+        meta = read_json(cfg_path)
+        cfg = _config(cfg_path, lambda: FluxConfig(
+            **{k: v for k, v in meta.items() if k not in ("format", "dtype")}))
+        shards = sorted(glob.glob(os.path.join(path, "model-*.safetensors")))
+        if not shards:
+            raise CheckpointError(f"{path}: a converted checkpoint without its "
+                                  "model-*.safetensors shards")
+        files = TensorFiles(shards)
         recipe = {n: ([n], lambda x: x) for n in files.names()}
         to_source = lambda p: (p, False)
     elif kind == "bfl":
         files = TensorFiles([path], strip_prefix=BFL_PREFIX)
-        cfg = config_from_bfl(files, axes_dim)
         recipe = {n: ([n], lambda x: x) for n in files.names()}
         to_source = _flax_to_bfl
     else:
-        files = TensorFiles(safetensors_files(path))
         cfg = config_from_diffusers(path, axes_dim)
+        files = TensorFiles(safetensors_files(path))
         recipe = _diffusers_recipe(cfg)
         to_source = _flax_to_bfl
-
-    return cfg, _planned_stream(files, recipe, to_source, cfg, dtype)
+    try:
+        if kind == "bfl":
+            cfg = config_from_bfl(files, axes_dim, source=path)
+        return cfg, _planned_stream(files, recipe, to_source, cfg, dtype)
+    except BaseException:
+        files.close()
+        raise
 
 
 def iter_diffusers_state(tensors: dict, cfg: FluxConfig, *, dtype=jnp.bfloat16,
@@ -235,17 +262,22 @@ def _planned_stream(files, recipe, to_source, cfg: FluxConfig, dtype):
             x = combine(*(files.get(n) for n in names))
             yield flax_path, (x.T if transpose else x).astype(dtype)
 
-    return stream()
+    return TensorStream(files, stream())
 
 
 # ------------------------------------------------------------------------- writing
 
 def convert(src: str, out: str, *, dtype=jnp.bfloat16, axes_dim=None, progress=print) -> str:
-    """Converts SRC into the folder OUT (must not exist); returns OUT."""
+    """Converts SRC into the folder OUT (must not exist); returns OUT.
+
+    Raises `CheckpointError` naming the file for an unreadable, empty, truncated or
+    mismatched source, a bad `axes_dim`, or an output that exists or cannot be written
+    (checked before any work). The source files are closed when it returns or fails.
+    """
     check_writable_output(out)
     with jax.default_device(jax.devices("cpu")[0]):     # conversion needs no accelerator
         cfg, tensors = iter_converted(src, dtype=dtype, axes_dim=axes_dim)
-        with atomic_folder(out) as tmp:
+        with tensors, atomic_folder(out) as tmp:
             n_tensors, n_shards = write_sharded(tmp, tensors, progress=progress)
             meta = json.loads(cfg.to_json()) | {"format": FORMAT,
                                                 "dtype": jnp.dtype(dtype).name}
@@ -264,11 +296,25 @@ def load_flux(path: str, *, dtype=jnp.bfloat16, attention: str = "pisa", policie
       dtype: parameter and compute dtype (default bfloat16).
       attention: "pisa" (the published per-layer setting) or "dense".
       policies: explicit per-layer `AttentionPolicy` tuple (overrides `attention`).
-      policy_options: passed to `pisa_jax.layer_policies` (density, dense_layers, ...).
+      policy_options: passed to `pisa_jax.layer_policies` (density, dense_layers, ...);
+        refused with `attention="dense"` or `policies`, where they would do nothing.
+      axes_dim: rotary embedding dims per id axis, for checkpoints whose config does not
+        give them (a BFL single file); default (16, 56, 56), the released models'.
+    Raises:
+      CheckpointError naming the file for a missing, unreadable, empty, truncated or
+      mismatched checkpoint; TypeError / ValueError for bad arguments. The files are
+      closed when it returns.
     """
+    dtype = check_dtype(dtype)
+    if policies is not None and (policy_options or attention != "pisa"):
+        given = sorted(policy_options) + ([f"attention={attention!r}"] if attention != "pisa"
+                                          else [])
+        raise ValueError(f"policies= sets every layer; the options {given} would do nothing")
     cfg, tensors = iter_converted(path, dtype=dtype, axes_dim=axes_dim)
-    policies = policies or default_policies(cfg, attention, **policy_options)
-    return model_from_tensors(cfg, tensors, dtype=dtype, policies=policies)
+    with tensors:
+        if policies is None:
+            policies = default_policies(cfg, attention, **policy_options)
+        return model_from_tensors(cfg, tensors, dtype=dtype, policies=policies)
 
 
 def model_from_tensors(cfg: FluxConfig, tensors, *, dtype, policies) -> Flux:
@@ -282,8 +328,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="BFL single file, diffusers transformer or pipeline folder")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--axes-dim", default=None,
-                   help="RoPE axes dims, e.g. 16,56,56 (default: from config, else 16,56,56)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+                   type=comma_list(int, "three comma-separated positive even integers",
+                                   lambda a: a > 0 and a % 2 == 0),
+                   help="rotary embedding dims per id axis, summing to the head dim, e.g. "
+                        "16,56,56 (default: from the source's config, else 16,56,56)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                   help="dtype of the written weights (default bf16)")
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -296,16 +346,16 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args, parser: argparse.ArgumentParser) -> int:
-    axes = None
-    if args.axes_dim:
-        try:
-            axes = tuple(int(a) for a in args.axes_dim.split(","))
-        except ValueError:
-            parser.error(f"--axes-dim: expected comma-separated integers, got {args.axes_dim!r}")
+    if args.axes_dim is not None and len(args.axes_dim) != 3:
+        parser.error(f"argument --axes-dim: expected three values (one per id axis), got "
+                     f"{','.join(map(str, args.axes_dim))}")
     try:
-        convert(args.src, args.out, dtype=DTYPES[args.dtype], axes_dim=axes)
+        convert(args.src, args.out, dtype=DTYPES[args.dtype], axes_dim=args.axes_dim)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:       # e.g. the disk filling up while writing
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
 

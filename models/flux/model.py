@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -17,12 +19,39 @@ from pisa_jax.tokens import tile_major_permutation
 
 def default_policies(config: FluxConfig, attention: str = "pisa", **options) -> tuple:
     """Per-layer policies: "pisa" is the published setting (first 4 layers dense, then
-    density 0.15 with biased selection); "dense" makes every layer dense."""
+    density 0.15 with biased selection, `options` as in `pisa_jax.layer_policies`);
+    "dense" makes every layer dense and takes no options (they would do nothing)."""
     if attention == "dense":
+        if options:
+            raise ValueError(f"attention='dense' takes no PISA options (they would do "
+                             f"nothing); got {sorted(options)}")
         return (DENSE,) * config.num_attention_layers
     if attention != "pisa":
         raise ValueError(f"attention must be 'pisa' or 'dense'; got {attention!r}")
     return layer_policies(config.num_attention_layers, **options)
+
+
+def check_dtype(dtype):
+    """The parameter and compute dtype: a floating type (bfloat16, float16, float32)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a floating dtype such as jnp.bfloat16; got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype (bfloat16, float16, float32); got {dt}")
+    return dt
+
+
+def _per_sample(name: str, x, b: int):
+    """A number, a 0-d array or a `[B]` array -> `[B]` float32."""
+    if isinstance(x, (bool, np.bool_)) or not (isinstance(x, numbers.Real) or hasattr(x, "shape")):
+        raise TypeError(f"{name} must be a number or a [B] array; got {type(x).__name__}")
+    if jnp.ndim(x) == 0:
+        return jnp.full((b,), x, jnp.float32)
+    if tuple(x.shape) != (b,):
+        raise ValueError(f"{name} must be a number or have shape [{b}] ([B]); got "
+                         f"{list(x.shape)}")
+    return x
 
 
 class Flux(nnx.Module):
@@ -40,6 +69,7 @@ class Flux(nnx.Module):
         if len(policies) != config.num_attention_layers:
             raise ValueError(f"policies must hold one entry per attention layer "
                              f"({config.num_attention_layers}); got {len(policies)}")
+        dtype = check_dtype(dtype)
         self.config = config
         self.block_size = min((p.block_size for p in policies if p.kind == "pisa"), default=0)
         c, dim = config, config.hidden_size
@@ -64,18 +94,22 @@ class Flux(nnx.Module):
         img_ids: Float[Array, "b l_img 3"],
         txt: Float[Array, "b l_txt ctx"],
         txt_ids: Float[Array, "b l_txt 3"],
-        timesteps: Float[Array, "b"],
+        timesteps: Float[Array, "b"] | float,
         y: Float[Array, "b vec"],
-        guidance: Float[Array, "b"] | None = None,
+        guidance: Float[Array, "b"] | float | None = None,
         *,
         dense: bool = False,
     ) -> Float[Array, "b l_img c_out"]:
         """Predicted velocity `[B, L_img, C_out]` for packed latents `img`.
 
-        `guidance` is the raw guidance scale (dev) and must be None for schnell.
-        `dense=True` runs every layer dense for this call (e.g. early sampling steps).
+        `timesteps` and `guidance` are a number (the same for every sample) or a `[B]`
+        array; `guidance` is the raw guidance scale (dev) and must be None for schnell.
+        At least one image and one text token. `dense=True` runs every layer dense for
+        this call (e.g. early sampling steps). Bad shapes raise a ValueError naming the
+        input and its expected shape.
         """
-        self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        timesteps, guidance = self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y,
+                                                 guidance)
         dtype = self.img_in.kernel.dtype
         perm = None
         if self.block_size and not dense:
@@ -103,24 +137,35 @@ class Flux(nnx.Module):
         return out
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance):
+        """Checks ranks first (so a shape is never read from the wrong axis), then sizes;
+        returns timesteps and guidance as `[B]` arrays."""
         c = self.config
-        b = img.shape[0]
-        expect = {
-            "img": (img, (b, img.shape[1], c.in_channels)),
-            "img_ids": (img_ids, (b, img.shape[1], 3)),
-            "txt": (txt, (b, txt.shape[1], c.context_in_dim)),
-            "txt_ids": (txt_ids, (b, txt.shape[1], 3)),
-            "timesteps": (timesteps, (b,)),
-            "y": (y, (b, c.vec_in_dim)),
-        }
+        specs = {"img": (img, ("B", "L_img", c.in_channels)), "img_ids": (img_ids, ("B", "L_img", 3)),
+                 "txt": (txt, ("B", "L_txt", c.context_in_dim)),
+                 "txt_ids": (txt_ids, ("B", "L_txt", 3)), "y": (y, ("B", c.vec_in_dim))}
+        for name, (x, spec) in specs.items():
+            if not hasattr(x, "shape"):
+                raise TypeError(f"{name} must be an array of shape {list(spec)}; got "
+                                f"{type(x).__name__}")
+            if len(x.shape) != len(spec):
+                raise ValueError(f"{name} must have shape {list(spec)}; got {list(x.shape)}")
+        sizes = {"B": img.shape[0], "L_img": img.shape[1], "L_txt": txt.shape[1]}
+        for name, (x, spec) in specs.items():
+            shape = tuple(sizes.get(s, s) for s in spec)
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)} ({', '.join(map(str, spec))})"
+                                 f"; got {list(x.shape)}")
+        if 0 in sizes.values():
+            raise ValueError("FLUX needs at least one sample, one image token and one text "
+                             f"token; got img {list(img.shape)}, txt {list(txt.shape)}")
+        b = sizes["B"]
+        timesteps = _per_sample("timesteps", timesteps, b)
         if c.guidance_embed:
             if guidance is None:
                 raise ValueError("this model has a guidance embedding (FLUX.1-dev): pass "
-                                 "guidance [B] (the raw guidance scale); got None")
-            expect["guidance"] = (guidance, (b,))
+                                 "guidance, a number or [B] (the raw guidance scale); got None")
+            guidance = _per_sample("guidance", guidance, b)
         elif guidance is not None:
             raise ValueError("this model has no guidance embedding (FLUX.1-schnell): pass "
-                             f"guidance=None; got an array of shape {jnp.shape(guidance)}")
-        for name, (x, shape) in expect.items():
-            if tuple(x.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)}; got {list(x.shape)}")
+                             f"guidance=None; got {guidance!r}"[:300])
+        return timesteps, guidance

@@ -14,33 +14,42 @@ from pisa_jax._blocks import pad_tokens
 LOG2E = 1.4426950408889634
 
 
+# Where the device does not report its multiprocessor count (CPU interpret mode): an
+# H100's / H200's, so that interpret mode partitions work as on the target.
+_DEFAULT_MULTIPROCESSORS = 132
+
+
+@functools.cache
+def multiprocessor_count() -> int:
+    """Streaming multiprocessors of the default device (`core_count` of a JAX GPU device),
+    or `_DEFAULT_MULTIPROCESSORS` where the device does not say."""
+    count = getattr(jax.devices()[0], "core_count", None)
+    return count if isinstance(count, int) and count > 0 else _DEFAULT_MULTIPROCESSORS
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     """Triton launch parameters of one kernel.
 
-    `key_blocks` and `zeroth_chunk` are read by the attention kernel only: the exact
-    path gathers `key_blocks` selected key blocks into one key tile per step (wider
-    matrix products, fewer softmax rescales), and the zeroth-order pass visits block
-    summaries `zeroth_chunk` at a time (both powers of two). With
-    `indices_in_registers` the one-block-per-step exact path reads its index list once
-    as a vector instead of one scalar load per step.
+    `zeroth_chunk` is read by the attention kernel only: the zeroth-order pass visits
+    block summaries `zeroth_chunk` at a time (a power of two). With
+    `indices_in_registers` the exact path reads its index list once as a vector instead
+    of one scalar load per step.
     """
 
     num_warps: int = 4
     num_stages: int = 2
-    key_blocks: int = 1
     zeroth_chunk: int = 64
     indices_in_registers: bool = False
 
     def __post_init__(self):
-        for name in ("num_warps", "num_stages", "key_blocks", "zeroth_chunk"):
+        for name in ("num_warps", "num_stages", "zeroth_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LaunchConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("key_blocks", "zeroth_chunk"):
-            value = getattr(self, name)
-            if value & (value - 1):
-                raise ValueError(f"LaunchConfig.{name}: expected a power of two, got {value}")
+        if self.zeroth_chunk & (self.zeroth_chunk - 1):
+            raise ValueError(f"LaunchConfig.zeroth_chunk: expected a power of two, got "
+                             f"{self.zeroth_chunk}")
         if not isinstance(self.indices_in_registers, bool):
             raise ValueError("LaunchConfig.indices_in_registers: expected a bool, got "
                              f"{self.indices_in_registers!r}")

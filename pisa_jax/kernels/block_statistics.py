@@ -17,16 +17,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pisa_jax._blocks import num_blocks
+from pisa_jax._blocks import ceil_div, head_axis, num_blocks, token_axis
 from pisa_jax._types import BlockStatistics
-from pisa_jax.kernels._common import (LaunchConfig, dot_precision, inference_only, prepare,
-                                      token_block_spec)
+from pisa_jax.kernels._common import (LaunchConfig, dot_precision, inference_only,
+                                      multiprocessor_count, prepare, token_block_spec)
 
-# One program per multiprocessor of an H100/H200 (132) where that keeps the runs short,
-# and runs of at most 96 blocks beyond: on the H200, flux-2048 (6336 blocks) took 0.155
-# ms as 132 runs of 48 and 0.174 ms as 528 runs of 12; wan-720p (47360 blocks) 1.08 ms as
-# 526 runs of 90 and 1.27 ms as 132 runs of 359.
-_PROGRAMS = 132
+# One program per multiprocessor (read from the device) where that keeps the runs short,
+# and runs of at most 96 blocks beyond (measured on the H200, benchmarks/RESULTS.md).
 _MAX_BLOCKS_PER_PROGRAM = 96
 # A few blocks per program amortise writing its D x D partial moment.
 _MIN_BLOCKS_PER_PROGRAM = 4
@@ -66,15 +63,14 @@ def _kernel(q_ref, k_ref, v_ref, qm_ref, km_ref, vs_ref, norm_ref, part_ref, *,
 
 def _statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str, interpret: bool,
                 config: LaunchConfig):
-    t = q.shape[1 if layout == "bthd" else 2]
-    d = q.shape[-1]
-    b, h = q.shape[0], q.shape[2 if layout == "bthd" else 1]
+    ta = token_axis(layout)
+    b, t, h, d = q.shape[0], q.shape[ta], q.shape[head_axis(layout)], q.shape[-1]
     q, k, v = (prepare(x, block_size, layout) for x in (q, k, v))
-    t_pad, d_pad = q.shape[1 if layout == "bthd" else 2], q.shape[-1]
+    t_pad, d_pad = q.shape[ta], q.shape[-1]
     nt = num_blocks(t, block_size)
     per_program = max(_MIN_BLOCKS_PER_PROGRAM,
-                      min(_MAX_BLOCKS_PER_PROGRAM, -(-nt * b * h // _PROGRAMS)))
-    chunks = -(-nt // per_program)
+                      min(_MAX_BLOCKS_PER_PROGRAM, ceil_div(nt * b * h, multiprocessor_count())))
+    chunks = ceil_div(nt, per_program)
 
     whole = token_block_spec(layout, t_pad, d_pad, lambda bi, hi, c: (bi, hi, 0))
     rows_spec = pl.BlockSpec((None, None, nt, d_pad), lambda bi, hi, c: (bi, hi, 0, 0))
@@ -120,5 +116,5 @@ def block_statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str,
     qm, km, vs, moment, norms = run(q, k, v)
     return BlockStatistics(q_mean=qm, k_mean=km, v_sum=vs, moment=moment,
                            moment_norms=norms if with_norms else None,
-                           num_tokens=q.shape[1 if layout == "bthd" else 2],
+                           num_tokens=q.shape[token_axis(layout)],
                            block_size=block_size)

@@ -19,14 +19,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pisa_jax._blocks import block_lengths, num_blocks, token_axis
+from pisa_jax._blocks import block_lengths, ceil_div, head_axis, num_blocks, token_axis
 from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.kernels._common import (LOG2E, LaunchConfig, dot_precision, inference_only, prepare,
                                       token_block_spec)
 
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom_ref, o_ref, *,
-            block_size: int, num_selected: int, key_blocks: int, zeroth_chunk: int,
+            block_size: int, num_selected: int, zeroth_chunk: int,
             num_chunks: int, num_tokens: int, scale: float, order: int, precision: dict,
             indices_in_registers: bool):
     q = q_ref[...]
@@ -64,41 +64,11 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom
             s = jnp.where(cols < num_tokens, s, -jnp.inf)
         return update(s, v_ref[sl, :], carry)
 
-    # `key_blocks` selected blocks gathered into one key tile per step. The step that
-    # holds the list's last `tail` entries repeats the last index and masks the copies.
-    offsets = lax.broadcasted_iota(jnp.int32, (key_blocks * block_size,), 0)
-    slot, within = offsets // block_size, offsets % block_size
-
-    def exact_group(first, carry, valid_blocks=key_blocks):
-        if indices_in_registers:   # one pick per block of the group, spread over its slots
-            picked = index_at(jnp.minimum(first, num_selected - 1))
-            for g in range(1, key_blocks):
-                picked = jnp.where(slot == g, index_at(jnp.minimum(first + g, num_selected - 1)),
-                                   picked)
-        else:
-            picked = idx_ref[jnp.minimum(first + slot, num_selected - 1)]
-        rows = picked * block_size + within
-        s = plgpu.dot(q, k_ref[rows, :], trans_b=True, **precision)
-        keep = None
-        if partial_last:
-            keep = rows < num_tokens
-        if valid_blocks < key_blocks:
-            keep = slot < valid_blocks if keep is None else keep & (slot < valid_blocks)
-        if keep is not None:
-            s = jnp.where(keep[None, :], s, -jnp.inf)
-        return update(s, v_ref[rows, :], carry)
-
     carry = (jnp.zeros((block_size, d), jnp.float32),
              jnp.full((block_size,), -jnp.inf, jnp.float32),
              jnp.zeros((block_size,), jnp.float32),
              jnp.zeros((block_size,), jnp.float32))
-    if key_blocks == 1:
-        carry = lax.fori_loop(0, num_selected, exact_one, carry)
-    else:
-        steps, tail = divmod(num_selected, key_blocks)
-        carry = lax.fori_loop(0, steps, lambda i, c: exact_group(i * key_blocks, c), carry)
-        if tail:
-            carry = exact_group(steps * key_blocks, carry, valid_blocks=tail)
+    carry = lax.fori_loop(0, num_selected, exact_one, carry)
 
     if order >= 0:
         def zeroth(c, carry):
@@ -143,12 +113,12 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
                order: int, layout: str, interpret: bool, config: LaunchConfig):
     chunk = config.zeroth_chunk
     ta = token_axis(layout)
-    b, t, h, d = q.shape[0], q.shape[ta], q.shape[3 - ta], q.shape[-1]
+    b, t, h, d = q.shape[0], q.shape[ta], q.shape[head_axis(layout)], q.shape[-1]
     q, k, v = (prepare(x, block_size, layout) for x in (q, k, v))
     t_pad, d_pad = q.shape[ta], q.shape[-1]
     nt = num_blocks(t, block_size)
     step = max(chunk, 32)   # whole chunks and whole 32-bit words of the skip mask
-    nt_pad = -(-nt // step) * step
+    nt_pad = ceil_div(nt, step) * step
     num_selected = indices.shape[-1]
 
     def pad_blocks(x):   # [B, H, NT, D] -> [B, H, NT_pad, D_pad] in the dot dtype
@@ -176,7 +146,6 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     ]
     kernel = functools.partial(
         _kernel, block_size=block_size, num_selected=num_selected,
-        key_blocks=min(config.key_blocks, pl.next_power_of_2(num_selected)),
         zeroth_chunk=chunk, num_chunks=nt_pad // chunk,
         indices_in_registers=config.indices_in_registers, num_tokens=t, scale=scale, order=order,
         precision=dot_precision(q.dtype))

@@ -19,6 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pisa_jax._blocks import ceil_div
+
 # Score elements held per program (rows x padded row length). Fewer rows per program,
 # more programs in flight: on the H200 the kernel took 33 / 64 / 890 us with 4096 elements
 # and 51 / 101 / 1374 us with 16384 at flux-2048 / seq-32k / wan-720p (benchmarks/RESULTS.md).
@@ -71,7 +73,7 @@ def top_k_indices(scores: jax.Array, k: int, *, interpret: bool) -> jax.Array:
     flat = scores.reshape(-1, n).astype(jnp.float32)
     m = flat.shape[0]
     rows_per_program = min(rows_per_program, max(1, pl.next_power_of_2(m)))
-    m_pad = -(-m // rows_per_program) * rows_per_program
+    m_pad = ceil_div(m, rows_per_program) * rows_per_program
     flat = jnp.pad(flat, ((0, m_pad - m), (0, width - n)), constant_values=-jnp.inf)
     out = pl.pallas_call(
         functools.partial(_kernel, k=k),
