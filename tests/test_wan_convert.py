@@ -19,7 +19,8 @@ from safetensors.numpy import load_file, save_file
 
 from models.checkpoint import CheckpointError, safetensors_files
 from models.wan import load_wan
-from models.wan.convert import convert, main as convert_main, official_name
+from models.wan.convert import (convert, diffusers_layout, iter_diffusers_state,
+                                main as convert_main, official_name)
 from tests.helpers import relative_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -73,6 +74,25 @@ def test_official_names_are_the_inverse_of_diffusers_mapping():
     assert official_name("blocks.3.norm2.weight") == "blocks.3.norm3.weight"
     assert official_name("scale_shift_table") == "head.modulation"
     assert official_name("blocks.0.scale_shift_table") == "blocks.0.modulation"
+
+
+def test_diffusers_layout_inverts_the_conversion():
+    tensors = {}
+    for f in safetensors_files(DIFFUSERS):
+        tensors |= load_file(f)
+    model = load_wan(DIFFUSERS, dtype=jnp.float32, attention="dense")
+    converted = dict(iter_diffusers_state(tensors, model.config, dtype=jnp.float32))
+    plan = diffusers_layout(model.config, tensors)
+    assert {name for name, _ in plan.values()} == set(tensors) and set(plan) == set(converted)
+    assert plan["patch_embedding.kernel"][1] == (4, 3, 0, 1, 2)
+    for path, (name, axes) in plan.items():
+        back = np.asarray(converted[path])
+        np.testing.assert_array_equal(back if axes is None else back.transpose(axes),
+                                      tensors[name], err_msg=path)
+    with pytest.raises(CheckpointError, match=r"missing \['blocks.0.ffn.0.bias'\], "
+                                              r"unexpected \['extra'\]"):
+        diffusers_layout(model.config, (set(tensors) - {"blocks.0.ffn.net.0.proj.bias"})
+                         | {"extra"})
 
 
 def test_converted_checkpoint_loads_to_the_same_model(tmp_path):

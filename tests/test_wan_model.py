@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import pisa_jax.nn as pnn
-from models.wan import Wan, WanConfig, denoise, schedule
+from models.wan import Wan, WanConfig, default_policies, denoise, schedule
 from models.wan.config import WAN_T2V_1_3B, WAN_T2V_14B
 from pisa_jax import layer_policies
 from tests.helpers import relative_error
@@ -43,6 +43,17 @@ def test_released_configs_split_the_head_dim_like_the_official_code():
     with pytest.raises(NotImplementedError, match="image-to-video"):
         Wan(WanConfig(dim=32, num_heads=2, num_layers=1, ffn_dim=8, image_dim=1280),
             rngs=nnx.Rngs(0), policies=(pnn.DENSE,))
+
+
+def test_default_policies_refuse_options_that_do_nothing():
+    assert default_policies(TINY, "dense") == (pnn.DENSE,) * 3
+    pisa = default_policies(TINY, "pisa", density=0.3, dense_layers=1)
+    assert pisa[0] == pnn.DENSE and pisa[1].kind == "pisa" and pisa[2].density == 0.3
+    with pytest.raises(ValueError, match=r"attention='dense' takes no PISA options .*"
+                                         r"\['density', 'order'\]"):
+        default_policies(TINY, "dense", density=0.3, order=0)
+    with pytest.raises(ValueError, match="attention must be 'pisa' or 'dense'; got 'sparse'"):
+        default_policies(TINY, "sparse")
 
 
 def test_pisa_at_density_one_equals_dense_model_so_tokens_and_rope_are_restored():
@@ -168,13 +179,36 @@ def test_sampling_compiles_one_step_per_mode_and_guides(monkeypatch):
         denoise(model, x, ctx, sig, negative_context=neg[:, :3])
 
 
-def test_benchmark_runs_at_toy_sizes(tmp_path):
+def test_benchmark_runs_at_toy_sizes(tmp_path, capsys):
     from benchmarks import wan as bench
-    bench.main(["--tiny", "--reps", "1", "--no-diffusers", "--out", str(tmp_path)])
+    bench.main(["--tiny", "--reps", "1", "--no-diffusers", "--layers", "2", "--tiles",
+                "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "expected at tiny (2 layers" in printed and "compiling our dense forward" in printed
     res = json.loads((tmp_path / "wan.json").read_text())
     r = res["shapes"]["tiny"]
-    assert r["tokens"] == 3 * 6 * 8 and r["dense_ms"] > 0 and r["pisa_ms"] > 0
+    assert r["tokens"] == 3 * 6 * 8 and r["layers_built"] == 2 and r["layers_full"] == 5
+    assert r["pisa_layers_built"] == 2 and r["dense_ms"] > 0 and r["pisa_ms"] > 0
+    # Released setting from per-layer times: 4 dense blocks and 1 PISA block.
+    assert r["dense_ms_extrapolated"] == pytest.approx(5 * r["dense_ms"] / 2)
+    assert r["pisa_ms_extrapolated"] == pytest.approx((4 * r["dense_ms"] + r["pisa_ms"]) / 2)
+    assert "pisa_speedup_over_dense" not in r            # only the extrapolated figure
     assert 0 < r["pisa_vs_dense_rel"] < 1 and r["attention_share_of_dense"] > 0
     errors = res["tile_errors"]["tiny 3x6x8"]
     assert set(errors) == {"length 3", "length 8", "length 1.5,4,4", "length 8,3,3"}
+    assert all(set(row) == {"raster", "4x4x4", "2x8x4", "1x8x8"} for row in errors.values())
     assert all(0 < e < 1 for row in errors.values() for e in row.values())
+
+
+def test_benchmark_plan_counts_flops_and_starts_nothing(tmp_path, capsys):
+    from benchmarks import wan as bench
+    cfg = WAN_T2V_14B
+    # One 14B block at 720p, batch 2: 75,600 tokens; attention is 4 B T^2 dim FLOPs.
+    one = bench.forward_flops(cfg, 2, 75_600, 512, layers=1)
+    zero_attention = bench.forward_flops(cfg, 2, 75_600, 512, layers=1, pisa_layers=1)
+    assert one - zero_attention == pytest.approx(0.85 * 4 * 2 * 75_600**2 * 5120)
+    assert 3.0e14 < one < 3.5e14
+    bench.main(["--plan", "--layers", "4", "--no-diffusers", "--out", str(tmp_path / "x")])
+    printed = capsys.readouterr().out
+    assert "expected at 14b-720p (4 layers" in printed and "expected total" in printed
+    assert not (tmp_path / "x").exists()

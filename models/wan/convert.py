@@ -30,6 +30,7 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles,
@@ -205,6 +206,30 @@ def iter_diffusers_state(tensors: dict, cfg: WanConfig, *, dtype=jnp.bfloat16,
     """(Flax path, array) stream from an in-memory diffusers state dict."""
     return _planned_stream(TensorDict(tensors, to_array),
                            {official_name(n): n for n in tensors}, cfg, dtype)
+
+
+def diffusers_layout(cfg: WanConfig, diffusers_names) -> dict[str, tuple[str, tuple | None]]:
+    """Flax path -> (diffusers name, axes) to put each Flax parameter in diffusers' layout:
+    `diffusers_tensor = flax_array.transpose(axes)` (axes None: as is). The inverse of the
+    diffusers conversion, e.g. to copy this model's weights into `WanTransformer3DModel`.
+
+    Raises CheckpointError unless `diffusers_names` are exactly the model's parameters.
+    """
+    abstract = nnx.eval_shape(lambda: Wan(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                                          policies=default_policies(cfg, "dense")))
+    by_official = {official_name(n): n for n in diffusers_names}
+    plan, missing = {}, []
+    for flax_path, value in flat_params(abstract).items():
+        name, axes = _flax_to_official(flax_path, len(value.shape))
+        if name not in by_official:
+            missing.append(name)
+            continue
+        inverse = None if axes is None else tuple(int(i) for i in np.argsort(axes))
+        plan[flax_path] = (by_official.pop(name), inverse)
+    if missing or by_official:
+        raise CheckpointError(f"diffusers names do not match the Wan model: missing "
+                              f"{sorted(missing)[:20]}, unexpected {sorted(by_official.values())[:20]}")
+    return plan
 
 
 # ------------------------------------------------------------------------- writing

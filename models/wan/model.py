@@ -24,9 +24,15 @@ DEFAULT_TILES = {64: DEFAULT_TILE, 128: DEFAULT_TILE[:2] + (2 * DEFAULT_TILE[2],
 def default_policies(config: WanConfig, attention: str = "pisa", **options) -> tuple:
     """Per-layer self-attention policies: "pisa" is the published setting (first 4 layers
     dense, then density 0.15 with biased selection; a model with fewer layers is all
-    dense unless `dense_layers` says otherwise); "dense" makes every layer dense."""
+    dense unless `dense_layers` says otherwise; `options` as in `pisa_jax.layer_policies`);
+    "dense" makes every layer dense and takes no options (they would do nothing).
+
+    Raises ValueError for another `attention` or for options given with "dense"."""
     n = config.num_attention_layers
     if attention == "dense":
+        if options:
+            raise ValueError(f"attention='dense' takes no PISA options (they would do "
+                             f"nothing); got {sorted(options)}")
         return (DENSE,) * n
     if attention != "pisa":
         raise ValueError(f"attention must be 'pisa' or 'dense'; got {attention!r}")
