@@ -5,9 +5,11 @@
 
 Times (median of repeated calls after warm-up, bf16, batch 1, D = 128): JAX cuDNN dense
 attention, Pallas Triton flash attention (best of 3 block configs), and the whole PISA op
-(statistics + selection + attention) with and without biased selection, plus the time
-of each stage at density 0.15 and the op's extra device memory. Writes a table to
-stdout, `attention.json` and `attention.png` to --out.
+(statistics + selection + attention) with and without biased selection on the Triton
+backend and, where Pallas Mosaic GPU runs (Hopper), with `implementation="mosaic"` (its
+rows are skipped with the reason elsewhere), plus the time of each stage at density 0.15
+and the op's extra device memory. Writes a table to stdout, `attention.json` and
+`attention.png` to --out.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pisa_jax as pj  # noqa: E402
-from pisa_jax.kernels import block_statistics as stats_kernel  # noqa: E402
-from pisa_jax.kernels import piecewise_attention as attn_kernel  # noqa: E402
-from pisa_jax.kernels._common import LaunchConfig  # noqa: E402
+from pisa_jax.kernels.dispatch import mosaic_unavailable  # noqa: E402
+from pisa_jax.kernels.pallas_triton import LaunchConfig  # noqa: E402
+from pisa_jax.kernels.pallas_triton import block_statistics as stats_kernel  # noqa: E402
+from pisa_jax.kernels.pallas_triton import piecewise_attention as attn_kernel  # noqa: E402
 
 SHAPES = {"flux-1024": (4608, 24), "flux-2048": (16896, 24), "seq-32k": (32768, 24),
           "wan-720p": (75776, 40)}
@@ -107,13 +110,21 @@ def pisa_fn(density, use_bias, config=None):
     return jax.jit(run)
 
 
-def stage_times(q, k, v, density, use_bias):
-    st = jax.jit(lambda q, k, v: pj.block_statistics(q, k, v, with_norms=use_bias))
+def mosaic_fn(density, use_bias):
+    """The whole op through the public API with the Mosaic GPU attention kernel."""
+    return jax.jit(lambda q, k, v: pj.piecewise_sparse_attention(
+        q, k, v, density=density, use_bias=use_bias, implementation="mosaic"))
+
+
+def stage_times(q, k, v, density, use_bias, implementation="triton"):
+    impl = dict(implementation=implementation)
+    st = jax.jit(lambda q, k, v: pj.block_statistics(q, k, v, with_norms=use_bias, **impl))
     stats = st(q, k, v)
-    se = jax.jit(lambda s: pj.select_blocks(s, density=density, use_bias=use_bias))
+    se = jax.jit(lambda s: pj.select_blocks(s, density=density, use_bias=use_bias, **impl))
     sel = se(stats)
-    at = jax.jit(lambda q, k, v, s, c: pj.piecewise_attention(q, k, v, s, c))
-    exact_only = jax.jit(lambda q, k, v, s, c: pj.piecewise_attention(q, k, v, s, c, order=-1))
+    at = jax.jit(lambda q, k, v, s, c: pj.piecewise_attention(q, k, v, s, c, **impl))
+    exact_only = jax.jit(lambda q, k, v, s, c: pj.piecewise_attention(q, k, v, s, c, order=-1,
+                                                                      **impl))
     return {"statistics_ms": timeit(st, q, k, v) * 1e3,
             "selection_ms": timeit(se, stats) * 1e3,
             "attention_ms": timeit(at, q, k, v, stats, sel) * 1e3,
@@ -126,6 +137,20 @@ def extra_memory(q, k, v, density, use_bias):
     qkv = 3 * q.size * q.dtype.itemsize
     return {"temp_bytes": int(mem.temp_size_in_bytes), "qkv_bytes": int(qkv),
             "fraction_of_qkv": mem.temp_size_in_bytes / qkv}
+
+
+def mosaic_rows(q, k, v, densities):
+    """Whole op with implementation="mosaic" per density (ms), and its stages at 0.15 with
+    bias; a failure is reported in the results, not raised, so the other rows survive."""
+    try:
+        rows = {str(dn): {("bias" if b else "no_bias"): timeit(mosaic_fn(dn, b), q, k, v) * 1e3
+                          for b in (False, True)} for dn in densities}
+        return {"pisa_mosaic": rows,
+                "mosaic_stages_d0.15_bias": stage_times(q, k, v, 0.15, True, "mosaic")}
+    except Exception as e:   # noqa: BLE001 - reported next to the figures
+        msg = f"{type(e).__name__}: {e}"
+        print(f"  Mosaic rows failed: {msg[:500]}", flush=True)
+        return {"mosaic_error": msg[:5000]}
 
 
 # Launch configurations tried by --sweep: (warps, stages, zeroth chunk, indices in registers).
@@ -182,18 +207,22 @@ def plot(results, path, device=None):
     import matplotlib.pyplot as plt
     names = list(results)
     dens = sorted({float(d) for r in results.values() for d in r["pisa"]})
+    series = [(f"Triton d={dn}" + (" bias" if b else ""), "pisa", str(dn), b)
+              for dn in dens for b in (False, True)]
+    if any("pisa_mosaic" in r for r in results.values()):
+        series += [(f"Mosaic d={dn} bias", "pisa_mosaic", str(dn), True) for dn in dens]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / (2 * len(dens))
-    for n, (dn, bias) in enumerate([(d, b) for d in dens for b in (False, True)]):
-        ys = [results[s]["cudnn_ms"] / results[s]["pisa"][str(dn)]["bias" if bias else "no_bias"]
-              for s in names]
-        ax.bar(np.arange(len(names)) + (n - len(dens)) * width + width / 2, ys, width,
-               label=f"PISA d={dn}" + (" bias" if bias else ""))
+    width = 0.8 / len(series)
+    for n, (label, key, dn, bias) in enumerate(series):
+        ys = [results[s]["cudnn_ms"] / results[s][key][dn]["bias" if bias else "no_bias"]
+              if key in results[s] else 0.0 for s in names]
+        ax.bar(np.arange(len(names)) + (n - len(series) / 2) * width + width / 2, ys, width,
+               label=label)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylabel("speedup over JAX cuDNN dense")
     device = device or jax.devices()[0].device_kind
-    ax.set_title(f"PISA (Pallas Triton) on {device}, bf16, D=128")
+    ax.set_title(f"PISA (Pallas Triton, Mosaic GPU) on {device}, bf16, D=128")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -220,6 +249,9 @@ def main(argv=None):
         p.error(f"--densities: expected numbers in (0, 1], got {densities}")
     os.makedirs(args.out, exist_ok=True)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    no_mosaic = mosaic_unavailable()
+    if no_mosaic and not args.sweep_only:
+        print(f"Mosaic rows skipped: {no_mosaic}", flush=True)
 
     results = {}
     for name in shapes:
@@ -240,6 +272,8 @@ def main(argv=None):
             r["pisa"][str(dn)] = {
                 ("bias" if b else "no_bias"): timeit(pisa_fn(dn, b), q, k, v) * 1e3
                 for b in (False, True)}
+        if not no_mosaic:
+            r.update(mosaic_rows(q, k, v, densities))
         r["stages_d0.15_bias"] = stage_times(q, k, v, 0.15, True)
         r["memory_d0.15_bias"] = extra_memory(q, k, v, 0.15, True)
         if args.sweep:
@@ -258,14 +292,16 @@ def main(argv=None):
 
     print(f"\n{'shape':10} {'cuDNN ms':>9} {'flash ms':>9} " + " ".join(
         f"{'d=' + str(d) + ('b' if b else ''):>9}" for d in densities for b in (False, True))
-        + "  speedup@0.15b  published@0.15")
+        + "  speedup@0.15b  mosaic@0.15b  published@0.15")
     for name, r in results.items():
         cells = " ".join(f"{r['pisa'][str(d)]['bias' if b else 'no_bias']:9.3f}"
                          for d in densities for b in (False, True))
         best = r["pisa"].get("0.15", {}).get("bias")
         sp = f"{r['cudnn_ms'] / best:12.2f}x" if best else " " * 13
+        mosaic = r.get("pisa_mosaic", {}).get("0.15", {}).get("bias")
+        msp = f"{r['cudnn_ms'] / mosaic:11.2f}x" if mosaic else f"{'n/a':>12}"
         flash = f"{r['pallas_flash_ms']:9.3f}" if r["pallas_flash_ms"] else "      n/a"
-        print(f"{name:10} {r['cudnn_ms']:9.3f} {flash} {cells}  {sp}  "
+        print(f"{name:10} {r['cudnn_ms']:9.3f} {flash} {cells}  {sp}  {msp}  "
               f"{PUBLISHED_SPEEDUP_015[name]:>12}")
     print("\nstages at d=0.15 with bias (ms) and extra memory:")
     for name, r in results.items():
@@ -274,6 +310,10 @@ def main(argv=None):
               f"attention {s['attention_ms']:.3f} (exact only {s['exact_path_ms']:.3f})  "
               f"extra mem {m['temp_bytes'] / 2**20:.0f} MiB = "
               f"{100 * m['fraction_of_qkv']:.1f}% of qkv")
+        if "mosaic_stages_d0.15_bias" in r:
+            s = r["mosaic_stages_d0.15_bias"]
+            print(f"{'':10} Mosaic attention {s['attention_ms']:.3f} "
+                  f"(exact only {s['exact_path_ms']:.3f})")
 
 
 if __name__ == "__main__":

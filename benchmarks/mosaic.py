@@ -17,43 +17,23 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pisa_jax as pj  # noqa: E402
 from pisa_jax import reference  # noqa: E402
 from pisa_jax._blocks import block_lengths  # noqa: E402
-from pisa_jax.kernels import piecewise_attention as triton_kernel  # noqa: E402
+from benchmarks.attention import D, SHAPES, timeit  # noqa: E402
 from pisa_jax.kernels.pallas_mosaic_gpu import MosaicConfig  # noqa: E402
 from pisa_jax.kernels.pallas_mosaic_gpu import piecewise_attention as mosaic_attention  # noqa: E402
+from pisa_jax.kernels.pallas_triton import piecewise_attention as triton_kernel  # noqa: E402
 from pisa_jax.metrics import relative_error  # noqa: E402
 
-SHAPES = {"flux-1024": (4608, 24), "flux-2048": (16896, 24), "seq-32k": (32768, 24),
-          "wan-720p": (75776, 40)}
-D = 128
 SCALE = D ** -0.5
-
-
-def timeit(fn, *args, reps: int = 7, target_s: float = 0.05) -> float:
-    """Median seconds per call; calls are queued back to back, synchronised per rep."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    iters = max(1, min(200, int(target_s / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
 
 
 @functools.partial(jax.jit, static_argnames=("head", "first", "rows", "order"))

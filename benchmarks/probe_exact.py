@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pisa_jax as pj  # noqa: E402
 from benchmarks.attention import (SHAPES, attention_kernel_fn, dense_flops,  # noqa: E402
                                   inputs, pallas_flash_rows, timeit)
-from pisa_jax.kernels import block_statistics as stats_kernel  # noqa: E402
-from pisa_jax.kernels._common import LaunchConfig  # noqa: E402
+from pisa_jax.kernels.pallas_triton import LaunchConfig  # noqa: E402
+from pisa_jax.kernels.pallas_triton import block_statistics as stats_kernel  # noqa: E402
 
 
 def selection_probe(t, h):
@@ -39,7 +39,7 @@ def selection_probe(t, h):
     default = selection._SCORE_ELEMENTS   # overridden per run, restored at the end
     for heads in (1, 2, 4, 8, h):
         selection._SCORE_ELEMENTS = heads * nt * nt
-        for impl in ("pallas", "reference"):
+        for impl in ("triton", "reference"):
             fn = jax.jit(lambda s, impl=impl: pj.select_blocks(s, density=0.15, use_bias=True,
                                                                implementation=impl))
             ms = timeit(fn, stats) * 1e3

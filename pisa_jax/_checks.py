@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,10 @@ import numpy as np
 from pisa_jax._blocks import LAYOUTS, default_scale, head_axis, num_blocks, token_axis
 
 ORDERS = (1, 0, -1)
-IMPLEMENTATIONS = ("auto", "pallas", "reference")
-# Which implementations take which input dtypes (the Triton kernels have no float64 path).
-PALLAS_DTYPES = ("bfloat16", "float16", "float32")
+# Names of `implementation=`; what each runs is `pisa_jax.kernels.dispatch`'s table.
+IMPLEMENTATIONS = ("auto", "triton", "mosaic", "reference")
+# Old names still taken, with a DeprecationWarning: old -> new.
+RENAMED_IMPLEMENTATIONS = {"pallas": "triton"}
 
 
 def check_choice(name: str, value, allowed) -> None:
@@ -80,12 +82,17 @@ def check_qkv(q, k, v, layout: str, *, self_attention: bool) -> tuple[int, int, 
     return q.shape[0], q.shape[ta], q.shape[ha], q.shape[3]
 
 
-def check_dtype_for(implementation: str, dtype) -> None:
-    """The Pallas kernels take half types and float32; float64 only the reference."""
-    if implementation == "pallas" and jnp.dtype(dtype).name not in PALLAS_DTYPES:
-        raise TypeError(f"implementation='pallas' takes {', '.join(PALLAS_DTYPES)} inputs; got "
-                        f"{jnp.dtype(dtype).name}: use implementation='reference' (or 'auto' "
-                        "off a GPU) for it")
+def check_implementation(implementation, *, stacklevel: int = 3) -> str:
+    """The implementation's current name; an old name warns (DeprecationWarning, shown at
+    the caller `stacklevel - 1` frames up) and is translated."""
+    if isinstance(implementation, str) and implementation in RENAMED_IMPLEMENTATIONS:
+        new = RENAMED_IMPLEMENTATIONS[implementation]
+        warnings.warn(f"implementation={implementation!r} is deprecated: use "
+                      f"implementation={new!r} (the same kernels)", DeprecationWarning,
+                      stacklevel=stacklevel)
+        return new
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    return implementation
 
 
 def check_density(density) -> float:

@@ -1,8 +1,11 @@
 """Public entry points: argument checks once, here, then dispatch to an implementation.
 
-Implementations: "reference" (plain jax.numpy, `pisa_jax.reference`), "pallas" (the
-Triton kernels in `pisa_jax.kernels`; `interpret=True` runs them on the CPU) and "auto"
-(Pallas on a GPU, the reference elsewhere).
+Implementations (`implementation=`), chosen through the table in
+`pisa_jax.kernels.dispatch`: "reference" (plain jax.numpy, `pisa_jax.reference`),
+"triton" (the Pallas Triton kernels; `interpret=True` runs them on the CPU), "mosaic"
+(the attention on Pallas Mosaic GPU, Hopper only; statistics and top-k on Triton) and
+"auto" (per shape on a GPU, the reference elsewhere). "pallas" is the old name of
+"triton" and warns.
 """
 
 from __future__ import annotations
@@ -15,47 +18,14 @@ from jaxtyping import Array, Float
 
 from pisa_jax import reference
 from pisa_jax._blocks import from_bhtd, num_blocks, to_bhtd
-from pisa_jax._checks import (IMPLEMENTATIONS, ORDERS, check_block_size, check_bool,
-                              check_choice, check_density, check_dtype_for, check_forced,
-                              check_qkv, check_scale, check_selection, check_statistics)
+from pisa_jax._checks import (ORDERS, check_block_size, check_bool, check_choice, check_density,
+                              check_forced, check_qkv, check_scale, check_selection,
+                              check_statistics)
 from pisa_jax._types import BlockStatistics, Selection
+from pisa_jax.kernels.dispatch import AttentionInputs, resolve
 from pisa_jax.selection import select_from_statistics
 
 DENSE_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
-
-
-def _resolve(implementation: str, interpret, dtype=None) -> tuple[str, bool]:
-    check_choice("implementation", implementation, IMPLEMENTATIONS)
-    if interpret is not None:
-        check_bool("interpret", interpret)
-    on_gpu = jax.default_backend() == "gpu"
-    if implementation == "auto":
-        implementation = "pallas" if on_gpu else "reference"
-    if dtype is not None:
-        check_dtype_for(implementation, dtype)
-    if interpret is None:
-        interpret = not on_gpu
-    return implementation, bool(interpret)
-
-
-def _statistics(q, k, v, *, block_size, with_norms, layout, impl, interpret) -> BlockStatistics:
-    if impl == "pallas":
-        from pisa_jax.kernels import block_statistics as kernel
-        return kernel.block_statistics(q, k, v, block_size=block_size, with_norms=with_norms,
-                                       layout=layout, interpret=interpret)
-    return reference.block_statistics(*(to_bhtd(x, layout) for x in (q, k, v)),
-                                      block_size=block_size, with_norms=with_norms)
-
-
-def _attend(q, k, v, stats, selection, *, scale, order, layout, impl, interpret):
-    if impl == "pallas":
-        from pisa_jax.kernels import piecewise_attention as kernel
-        return kernel.piecewise_attention(q, k, v, stats, selection, scale=scale, order=order,
-                                          layout=layout, interpret=interpret)
-    out = reference.piecewise_attention(*(to_bhtd(x, layout) for x in (q, k, v)), stats,
-                                        selection, scale=scale, order=order)
-    return from_bhtd(out, layout)
-
 
 # ------------------------------------------------------------------------------ stages
 
@@ -73,15 +43,17 @@ def block_statistics(
     Returns:
       A `BlockStatistics` with `[B, H, ...]` float32 arrays (float64 for float64 input).
     Raises:
-      ValueError / TypeError naming the argument for bad input (float64 with
-      implementation="pallas" included: only the reference takes it).
+      ValueError / TypeError naming the argument for bad input, and for an explicit
+      implementation that cannot run here or take the inputs (float64 with "triton",
+      "mosaic" off a Hopper GPU); "auto" falls back instead. With "mosaic" the statistics
+      run on the Triton kernel.
     """
     check_qkv(q, k, v, layout, self_attention=True)
     block_size = check_block_size(block_size)
     with_norms = check_bool("with_norms", with_norms)
-    impl, interpret = _resolve(implementation, interpret, q.dtype)
-    return _statistics(q, k, v, block_size=block_size, with_norms=with_norms, layout=layout,
-                       impl=impl, interpret=interpret)
+    backend, interpret = resolve(implementation, interpret, dtype=q.dtype)
+    return backend.statistics(q, k, v, block_size=block_size, with_norms=with_norms,
+                              layout=layout, interpret=interpret)
 
 
 def select_blocks(
@@ -94,9 +66,9 @@ def select_blocks(
     Forced blocks are always selected and use up slots. `scale` defaults to `D**-0.5`.
     The result can be reused by `piecewise_attention` across layers or sampling steps.
     Scores are formed in XLA; the top-k is XLA's `lax.top_k` ("reference": indices by
-    descending score) or, for 128 blocks or more, the Pallas top-k kernel ("pallas", the
-    default on a GPU: the same set, indices in ascending block order). The order of the
-    indices does not change any output.
+    descending score) or, for 128 blocks or more, the Triton top-k kernel ("triton" and
+    "mosaic", "auto" on a GPU: the same set, indices in ascending block order). The order
+    of the indices does not change any output.
     """
     if not isinstance(stats, BlockStatistics):
         raise TypeError(f"stats must be a BlockStatistics; got {type(stats).__name__}")
@@ -107,9 +79,10 @@ def select_blocks(
     if use_bias and stats.moment_norms is None:
         raise ValueError("use_bias=True needs statistics computed with with_norms=True; "
                          "got statistics without moment_norms")
-    impl, interpret = _resolve(implementation, interpret)
+    backend, interpret = resolve(implementation, interpret)
     return select_from_statistics(stats, density=density, scale=scale, use_bias=use_bias,
-                                  forced_blocks=forced, implementation=impl, interpret=interpret)
+                                  forced_blocks=forced, top_k_kernel=backend.top_k_kernel,
+                                  interpret=interpret)
 
 
 def piecewise_attention(
@@ -132,9 +105,10 @@ def piecewise_attention(
     scale = check_scale(scale, d)
     check_statistics(stats, b, t, h, d)
     check_selection(selection, b, h, num_blocks(t, stats.block_size))
-    impl, interpret = _resolve(implementation, interpret, q.dtype)
-    return _attend(q, k, v, stats, selection, scale=scale, order=order, layout=layout,
-                   impl=impl, interpret=interpret)
+    backend, interpret = resolve(implementation, interpret, dtype=q.dtype,
+                                 attention=AttentionInputs(stats.block_size, d, t))
+    return backend.attention(q, k, v, stats, selection, scale=scale, order=order,
+                             layout=layout, interpret=interpret)
 
 
 # ------------------------------------------------------------------------ whole calls
@@ -158,13 +132,19 @@ def piecewise_sparse_attention(
         -1 = keep-or-drop (exact path only).
       use_bias: add `log(||H_j||_F + 1e-5)` to the selection scores.
       forced_blocks: key-block indices always selected (negative counts from the end).
-      implementation: "pallas", "reference" or "auto" (Pallas on a GPU). "pallas" takes
-        bfloat16, float16 and float32; float64 is refused with a TypeError.
-      interpret: run the Pallas kernels in interpret mode (default: when not on a GPU).
+      implementation: "auto" (off a GPU the reference; on a GPU, per shape, the faster
+        kernel backend that takes the inputs: `pisa_jax.kernels.dispatch`), "triton"
+        (bfloat16, float16, float32), "mosaic" (the attention on Pallas Mosaic GPU,
+        statistics and top-k on Triton; Hopper GPUs, bfloat16/float16, block_size 64,
+        head dim <= 128) or "reference" (any float dtype, float64 included). "pallas" is
+        the old name of "triton" (DeprecationWarning).
+      interpret: run the Triton kernels in interpret mode (default: when not on a GPU).
     Returns:
       An array of q's shape, dtype and layout.
     Raises:
-      ValueError / TypeError naming the argument, what was expected and what was given.
+      ValueError / TypeError naming the argument, what was expected and what was given;
+      for an explicit implementation that cannot run here or take these inputs, the
+      reason and the alternatives ("auto" never raises for that: it falls back).
     """
     b, t, h, d = check_qkv(q, k, v, layout, self_attention=True)
     density = check_density(density)
@@ -173,14 +153,16 @@ def piecewise_sparse_attention(
     scale = check_scale(scale, d)
     forced = check_forced(forced_blocks, num_blocks(t, block_size))
     use_bias = check_bool("use_bias", use_bias)
-    impl, interpret = _resolve(implementation, interpret, q.dtype)
+    backend, interpret = resolve(implementation, interpret, dtype=q.dtype,
+                                 attention=AttentionInputs(block_size, d, t))
     # Checked once above: the stages below are the unchecked internals.
-    common = dict(layout=layout, impl=impl, interpret=interpret)
-    stats = _statistics(q, k, v, block_size=block_size, with_norms=use_bias, **common)
+    stats = backend.statistics(q, k, v, block_size=block_size, with_norms=use_bias,
+                               layout=layout, interpret=interpret)
     selection = select_from_statistics(stats, density=density, scale=scale, use_bias=use_bias,
-                                       forced_blocks=forced, implementation=impl,
+                                       forced_blocks=forced, top_k_kernel=backend.top_k_kernel,
                                        interpret=interpret)
-    return _attend(q, k, v, stats, selection, scale=scale, order=order, **common)
+    return backend.attention(q, k, v, stats, selection, scale=scale, order=order,
+                             layout=layout, interpret=interpret)
 
 
 def dense_attention(

@@ -68,7 +68,7 @@ def run(side: int = 48, heads: int = 4, head_dim: int = 64, densities=(0.1, 0.15
     relative error vs dense and ms per call. `print_fn` defaults to a flushing print."""
     print_fn = print_fn or functools.partial(print, flush=True)
     on_gpu = jax.default_backend() == "gpu"
-    impl = "pallas" if on_gpu else "reference"
+    impl = "triton" if on_gpu else "reference"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     t = side * side
     print_fn(f"PISA demo: {side}x{side} tokens (T = {t}) in 8x8 tile-major order, {heads} heads, "

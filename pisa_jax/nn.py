@@ -12,8 +12,8 @@ import jax
 from flax import nnx
 
 from pisa_jax._blocks import LAYOUTS, num_blocks, token_axis
-from pisa_jax._checks import (IMPLEMENTATIONS, ORDERS, check_block_size, check_bool,
-                              check_choice, check_density)
+from pisa_jax._checks import (ORDERS, check_block_size, check_bool, check_choice,
+                              check_density, check_implementation)
 from pisa_jax.api import dense_attention, piecewise_sparse_attention
 
 KINDS = ("pisa", "dense")
@@ -28,7 +28,9 @@ class AttentionPolicy:
       density, order, use_bias, block_size: PISA options (see `piecewise_sparse_attention`).
       exact_text: keep the blocks holding the text tokens (the sequence's first tokens in
         a joint text-image sequence) always selected.
-      implementation: "auto", "pallas" or "reference" for the PISA layers.
+      implementation: "auto", "triton", "mosaic" or "reference" for the PISA layers
+        (see `piecewise_sparse_attention`); the old name "pallas" is stored as "triton"
+        with a DeprecationWarning.
 
     Every field is checked when the policy is built. A dense policy takes no PISA option:
     `AttentionPolicy(kind="dense", density=0.3)` is refused, as the density would do
@@ -58,7 +60,9 @@ class AttentionPolicy:
         check_block_size(self.block_size)
         check_bool("use_bias", self.use_bias)
         check_bool("exact_text", self.exact_text)
-        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        # Warns at the code that builds the policy (through __init__ and __post_init__).
+        object.__setattr__(self, "implementation",
+                           check_implementation(self.implementation, stacklevel=4))
 
 
 DENSE = AttentionPolicy(kind="dense")

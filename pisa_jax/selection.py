@@ -42,13 +42,13 @@ def select_from_statistics(
     scale: float,
     use_bias: bool,
     forced_blocks: Sequence[int] = (),
-    implementation: str = "reference",
+    top_k_kernel: bool = False,
     interpret: bool = False,
 ) -> Selection:
     """Top-k key blocks per query block; forced blocks always in and using up slots.
 
-    implementation "reference" ranks with `lax.top_k` (indices by descending score);
-    "pallas" with the top-k kernel (the same set, indices in ascending block order) from
+    Ranks with `lax.top_k` (indices by descending score), or with `top_k_kernel` the
+    Triton top-k kernel (the same set, indices in ascending block order) from
     `_TOP_K_KERNEL_MIN_BLOCKS` blocks per row on, with `lax.top_k` below that.
     """
     nt = stats.num_blocks
@@ -61,8 +61,8 @@ def select_from_statistics(
         if forced:
             # +inf ranks forced blocks first without changing the order of the others.
             scores = scores.at[..., jnp.asarray(forced)].set(jnp.inf)
-        if implementation == "pallas" and nt >= _TOP_K_KERNEL_MIN_BLOCKS:
-            from pisa_jax.kernels.top_k import top_k_indices
+        if top_k_kernel and nt >= _TOP_K_KERNEL_MIN_BLOCKS:
+            from pisa_jax.kernels.pallas_triton.top_k import top_k_indices
             return top_k_indices(scores, k, interpret=interpret)
         return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
 

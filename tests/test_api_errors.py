@@ -131,18 +131,18 @@ def test_empty_dimensions_are_refused_by_name():
             pj.dense_attention(*bad)
 
 
-def test_float64_with_pallas_is_refused_up_front():
+def test_float64_with_triton_is_refused_up_front():
     with jax.enable_x64(True):
         q, k, v = _qkv(dtype=jnp.float64)
-        msg = (r"implementation='pallas' takes bfloat16, float16, float32 inputs; got float64: "
+        msg = (r"implementation='triton' takes bfloat16, float16, float32 inputs; got float64: "
                r"use implementation='reference'")
         with pytest.raises(TypeError, match=msg):
-            _call(qkv=(q, k, v), implementation="pallas", interpret=True)
+            _call(qkv=(q, k, v), implementation="triton", interpret=True)
         with pytest.raises(TypeError, match=msg):
-            pj.block_statistics(q, k, v, implementation="pallas", interpret=True)
+            pj.block_statistics(q, k, v, implementation="triton", interpret=True)
         st = pj.block_statistics(q, k, v, block_size=16, implementation="reference")
         with pytest.raises(TypeError, match=msg):
-            pj.piecewise_attention(q, k, v, st, pj.select_blocks(st), implementation="pallas",
+            pj.piecewise_attention(q, k, v, st, pj.select_blocks(st), implementation="triton",
                                    interpret=True)
         assert _call(qkv=(q, k, v)).dtype == jnp.float64       # the reference takes it
 

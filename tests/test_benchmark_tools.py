@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import profile_op
 from benchmarks.profile_op import gpu_kernel_times, stage_of
-from pisa_jax.kernels import configs
+from pisa_jax.kernels.pallas_triton import config as configs
 
 
 def _event(name, start, duration):
@@ -81,7 +81,7 @@ def test_pipelined_tiles_fit_hopper_shared_memory_and_use_it(head_dim, block_siz
         assert cfg.num_stages >= 1 and in_flight <= HOPPER_SMEM
         swept = (table or cfg).num_stages
         if cfg.num_stages < swept and (jnp.dtype(dtype).itemsize <= 2 or cfg.num_stages < 2):
-            assert in_flight + per_stage > configs._SMEM_BUDGET
+            assert in_flight + per_stage > configs.smem_budget()
 
 
 def test_swept_configs_are_the_ones_used():
@@ -90,3 +90,34 @@ def test_swept_configs_are_the_ones_used():
     assert (cfg.num_warps, cfg.num_stages, cfg.indices_in_registers) == (4, 3, True)
     cfg = configs.statistics_config(128, 64, jnp.bfloat16)
     assert (cfg.num_warps, cfg.num_stages) == (8, 3)
+
+
+def test_attention_benchmark_help_runs_without_a_gpu():
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/attention.py", "--help"],
+                         capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "--shapes" in out.stdout
+
+
+def test_attention_benchmark_plots_mosaic_rows_where_present(tmp_path):
+    # One shape with Mosaic rows, one without (skipped or failed there): both are drawn.
+    from benchmarks import attention
+    pisa = {"0.15": {"bias": 1.0, "no_bias": 0.9}}
+    results = {"flux-1024": {"cudnn_ms": 2.0, "pisa": pisa, "pisa_mosaic": pisa},
+               "flux-2048": {"cudnn_ms": 6.0, "pisa": pisa, "mosaic_error": "ValueError"}}
+    attention.plot(results, tmp_path / "a.png", device="test")
+    assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_mosaic_rows_report_a_failure_instead_of_raising(monkeypatch):
+    from benchmarks import attention
+
+    def broken(*a, **k):
+        raise RuntimeError("no Mosaic here")
+    monkeypatch.setattr(attention, "mosaic_fn", broken)
+    assert attention.mosaic_rows(None, None, None, [0.15]) == {
+        "mosaic_error": "RuntimeError: no Mosaic here"}

@@ -101,7 +101,7 @@ def test_pallas_policy_runs_the_kernels_and_agrees_with_reference():
     ref = _model(layer_policies(4, dense_layers=2, density=0.4, block_size=16,
                                 implementation="reference"))(**io)
     pal = _model(layer_policies(4, dense_layers=2, density=0.4, block_size=16,
-                                implementation="pallas"))(**io)
+                                implementation="triton"))(**io)
     assert relative_error(pal, ref) < 1e-4
 
 

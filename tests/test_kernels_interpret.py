@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 import pisa_jax as pj
 from tests.helpers import random_qkv, relative_error
 
-PALLAS = dict(implementation="pallas", interpret=True)
+TRITON = dict(implementation="triton", interpret=True)
 REF = dict(implementation="reference")
 
 
@@ -39,14 +39,14 @@ def test_interpret_mode_poisons_outputs():
                                            (256, 128, 128, "bthd"), (17, 16, 16, "bhtd")])
 def test_block_statistics_kernel_matches_reference(t, bs, d, layout):
     q, k, v = _qkv(t, 2, t, 3, d, layout)
-    got = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **PALLAS)
+    got = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **TRITON)
     want = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **REF)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
     chex.assert_type(got.moment, jnp.float32)
     for name in ("q_mean", "k_mean", "v_sum", "moment", "moment_norms"):
         assert relative_error(getattr(got, name), getattr(want, name)) < 1e-5, name
     assert got.moment_norms is not None
-    no_norms = pj.block_statistics(q, k, v, block_size=bs, layout=layout, **PALLAS)
+    no_norms = pj.block_statistics(q, k, v, block_size=bs, layout=layout, **TRITON)
     assert no_norms.moment_norms is None
 
 
@@ -62,7 +62,7 @@ def test_block_statistics_kernel_matches_reference(t, bs, d, layout):
 def test_piecewise_attention_kernel_matches_reference_float32(t, bs, d, layout, order):
     q, k, v = _qkv(t + d, 2, t, 2, d, layout)
     opts = dict(density=0.3, block_size=bs, order=order, use_bias=True, layout=layout)
-    got = pj.piecewise_sparse_attention(q, k, v, **opts, **PALLAS)
+    got = pj.piecewise_sparse_attention(q, k, v, **opts, **TRITON)
     want = pj.piecewise_sparse_attention(q, k, v, **opts, **REF)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert relative_error(got, want) < 1e-5
@@ -71,12 +71,12 @@ def test_piecewise_attention_kernel_matches_reference_float32(t, bs, d, layout, 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_kernels_within_1e_2_of_float32_reference(dtype):
     q, k, v = _qkv(5, 1, 300, 2, 64, dtype=dtype)
-    stats = pj.block_statistics(q, k, v, with_norms=True, **PALLAS)
+    stats = pj.block_statistics(q, k, v, with_norms=True, **TRITON)
     sel = pj.select_blocks(stats, density=0.4, use_bias=True)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref_stats = pj.block_statistics(*f32, **REF)
     for order in (1, -1):
-        got = pj.piecewise_attention(q, k, v, stats, sel, order=order, **PALLAS)
+        got = pj.piecewise_attention(q, k, v, stats, sel, order=order, **TRITON)
         want = pj.piecewise_attention(*f32, ref_stats, sel, order=order, **REF)
         assert got.dtype == dtype
         assert relative_error(got, want) <= 1e-2
@@ -91,12 +91,12 @@ def test_float16_first_order_with_moment_beyond_float16_range():
     v = k + 3.0 * rng.standard_normal((1, t, 1, d))
     q = 0.02 * rng.standard_normal((1, t, 1, d))
     q, k, v = (jnp.asarray(x, jnp.float16) for x in (q, k, v))
-    stats = pj.block_statistics(q, k, v, with_norms=True, **PALLAS)
+    stats = pj.block_statistics(q, k, v, with_norms=True, **TRITON)
     assert float(jnp.max(jnp.abs(stats.moment))) > 2 * 65504
     sel = pj.select_blocks(stats, density=0.3, use_bias=True)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     want = pj.piecewise_attention(*f32, pj.block_statistics(*f32, **REF), sel, **REF)
-    got = pj.piecewise_attention(q, k, v, stats, sel, **PALLAS)
+    got = pj.piecewise_attention(q, k, v, stats, sel, **TRITON)
     assert relative_error(got, want) <= 1e-2
 
 
@@ -106,8 +106,8 @@ def test_float16_first_order_with_moment_beyond_float16_range():
     (128, True, "bthd"),    # one zeroth-order chunk covers every block
 ])
 def test_launch_variants_match_reference(zeroth_chunk, in_registers, layout):
-    from pisa_jax.kernels import piecewise_attention as kernel
-    from pisa_jax.kernels._common import LaunchConfig
+    from pisa_jax.kernels.pallas_triton import piecewise_attention as kernel
+    from pisa_jax.kernels.pallas_triton import LaunchConfig
     t, bs = 300, 16      # 19 blocks, the last one partial (12 tokens)
     q, k, v = _qkv(zeroth_chunk, 2, t, 2, 32, layout)
     stats = pj.block_statistics(q, k, v, block_size=bs, with_norms=True, layout=layout, **REF)
@@ -124,10 +124,10 @@ def test_launch_variants_match_reference(zeroth_chunk, in_registers, layout):
 @pytest.mark.parametrize("multiprocessors", [1, 1000])
 def test_statistics_partition_follows_the_multiprocessor_count(multiprocessors, monkeypatch):
     # 1 multiprocessor: runs of the 96-block maximum; 1000: runs of the 4-block minimum.
-    from pisa_jax.kernels import block_statistics as kernel
+    from pisa_jax.kernels.pallas_triton import block_statistics as kernel
     monkeypatch.setattr(kernel, "multiprocessor_count", lambda: multiprocessors)
     q, k, v = _qkv(multiprocessors, 1, 16 * 150 - 5, 1, 16)      # 150 blocks, last partial
-    got = pj.block_statistics(q, k, v, block_size=16, with_norms=True, **PALLAS)
+    got = pj.block_statistics(q, k, v, block_size=16, with_norms=True, **TRITON)
     want = pj.block_statistics(q, k, v, block_size=16, with_norms=True, **REF)
     for name in ("q_mean", "v_sum", "moment", "moment_norms"):
         assert relative_error(getattr(got, name), getattr(want, name)) < 1e-5, name
@@ -144,7 +144,7 @@ def test_multiprocessor_count_comes_from_the_device(monkeypatch):
 
 
 def test_skip_bits_mark_selected_and_padding_blocks():
-    from pisa_jax.kernels.piecewise_attention import _skip_bits
+    from pisa_jax.kernels.pallas_triton.piecewise_attention import _skip_bits
     rng = np.random.default_rng(3)
     nt, nt_pad, top = 70, 96, 9
     rows = [rng.choice(nt, top, replace=False) for _ in range(2 * 3 * nt)]
@@ -162,7 +162,7 @@ def test_skip_bits_mark_selected_and_padding_blocks():
 
 @pytest.mark.parametrize("rows,n,k", [(10, 37, 5), (70, 72, 10), (3, 1184, 177), (4, 16, 16)])
 def test_top_k_kernel_takes_the_same_set_as_lax_top_k(rows, n, k):
-    from pisa_jax.kernels.top_k import top_k_indices
+    from pisa_jax.kernels.pallas_triton.top_k import top_k_indices
     rng = np.random.default_rng(n)
     s = rng.standard_normal((rows, n)).astype(np.float32)
     s[0, : min(3, k)] = np.inf                      # forced blocks
@@ -176,13 +176,13 @@ def test_top_k_kernel_takes_the_same_set_as_lax_top_k(rows, n, k):
 
 
 @pytest.mark.parametrize("kernel_from", [0, 128])    # the kernel, or lax.top_k at NT = 44
-def test_pallas_selection_matches_reference_selection(kernel_from, monkeypatch):
+def test_triton_selection_matches_reference_selection(kernel_from, monkeypatch):
     from pisa_jax import selection
     monkeypatch.setattr(selection, "_TOP_K_KERNEL_MIN_BLOCKS", kernel_from)
     q, k, v = _qkv(21, 2, 700, 3, 32)
     stats = pj.block_statistics(q, k, v, block_size=16, with_norms=True, **REF)
     opts = dict(density=0.2, use_bias=True, forced_blocks=[0, 5])
-    got = pj.select_blocks(stats, **opts, **PALLAS)
+    got = pj.select_blocks(stats, **opts, **TRITON)
     want = pj.select_blocks(stats, **opts, **REF)
     assert got.num_blocks == want.num_blocks == 44
     got = np.asarray(got.indices)
@@ -192,7 +192,7 @@ def test_pallas_selection_matches_reference_selection(kernel_from, monkeypatch):
 
 
 def test_launch_config_refuses_bad_values():
-    from pisa_jax.kernels._common import LaunchConfig
+    from pisa_jax.kernels.pallas_triton import LaunchConfig
     with pytest.raises(ValueError, match="zeroth_chunk: expected a power of two, got 48"):
         LaunchConfig(zeroth_chunk=48)
     with pytest.raises(ValueError, match="num_warps: expected a positive int, got 0"):
@@ -206,11 +206,11 @@ def test_launch_config_refuses_bad_values():
 def test_forced_blocks_and_density_one_in_kernels():
     q, k, v = _qkv(9, 1, 160, 2, 32)
     opts = dict(density=0.2, block_size=16, forced_blocks=[0, -1])
-    got = pj.piecewise_sparse_attention(q, k, v, **opts, **PALLAS)
+    got = pj.piecewise_sparse_attention(q, k, v, **opts, **TRITON)
     want = pj.piecewise_sparse_attention(q, k, v, **opts, **REF)
     assert relative_error(got, want) < 1e-5
     dense = pj.dense_attention(q, k, v, implementation="reference")
-    full = pj.piecewise_sparse_attention(q, k, v, density=1.0, block_size=16, **PALLAS)
+    full = pj.piecewise_sparse_attention(q, k, v, density=1.0, block_size=16, **TRITON)
     assert relative_error(full, dense) < 1e-5
 
 
@@ -220,10 +220,10 @@ def test_reused_selection_under_jit():
 
     @jax.jit
     def two_calls(q, q2, k, v):
-        stats = pj.block_statistics(q, k, v, block_size=32, **PALLAS)
+        stats = pj.block_statistics(q, k, v, block_size=32, **TRITON)
         sel = pj.select_blocks(stats, density=0.5)
-        stats2 = pj.block_statistics(q2, k, v, block_size=32, **PALLAS)
-        return sel, pj.piecewise_attention(q2, k, v, stats2, sel, **PALLAS)
+        stats2 = pj.block_statistics(q2, k, v, block_size=32, **TRITON)
+        return sel, pj.piecewise_attention(q2, k, v, stats2, sel, **TRITON)
 
     sel, got = two_calls(q, q2, k, v)
     stats2 = pj.block_statistics(q2, k, v, block_size=32, **REF)
@@ -233,6 +233,6 @@ def test_reused_selection_under_jit():
 
 def test_differentiating_the_kernels_fails_clearly():
     q, k, v = _qkv(13, 1, 64, 1, 16)
-    loss = lambda q: pj.piecewise_sparse_attention(q, k, v, block_size=16, **PALLAS).sum()
+    loss = lambda q: pj.piecewise_sparse_attention(q, k, v, block_size=16, **TRITON).sum()
     with pytest.raises(TypeError, match="inference-only and cannot be differentiated"):
         jax.grad(loss)(q)

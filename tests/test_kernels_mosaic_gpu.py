@@ -9,20 +9,15 @@ import jax.numpy as jnp
 import pytest
 
 import pisa_jax as pj
+from pisa_jax.kernels.dispatch import mosaic_unavailable
 from pisa_jax.kernels.pallas_mosaic_gpu import MosaicConfig
 from pisa_jax.kernels.pallas_mosaic_gpu import piecewise_attention as mosaic_attention
 from tests.helpers import relative_error
 
-
-def _on_hopper() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
-
-
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper (sm_90) GPU"),
+    pytest.mark.skipif(bool(mosaic_unavailable()),
+                       reason=f"needs a Hopper (sm_90) GPU: {mosaic_unavailable()}"),
 ]
 
 
@@ -136,3 +131,19 @@ def test_interpret_mode_is_refused_clearly():
     with pytest.raises(ValueError, match="no interpret mode"):
         mosaic_attention(q, k, v, stats, sel, scale=0.125, order=1, layout="bthd",
                          interpret=True)
+
+
+def test_public_api_runs_mosaic_with_triton_statistics_and_top_k():
+    # wan-like long rows (NT = 264 >= the top-k kernel's threshold), whole op through
+    # `implementation="mosaic"` against the float32 reference with the same selection.
+    q, k, v = _qkv(23, 1, 264 * 64 - 5, 2, 128, jnp.bfloat16, "bthd")
+    opts = dict(density=0.15, use_bias=True, forced_blocks=[0])
+    run = jax.jit(lambda q, k, v: pj.piecewise_sparse_attention(q, k, v, **opts,
+                                                                implementation="mosaic"))
+    out = run(q, k, v)
+    stats = pj.block_statistics(q, k, v, with_norms=True, implementation="triton")
+    sel = pj.select_blocks(stats, **opts, implementation="triton")
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = _reference(*f32, _statistics(*f32, "bthd"), sel, 1, "bthd")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert relative_error(out, ref) <= 1e-2

@@ -1,11 +1,29 @@
-"""Launch parameters of the Mosaic GPU attention kernel."""
+"""Launch parameters of the Mosaic GPU attention kernel and the inputs it takes."""
 
 from __future__ import annotations
 
 import dataclasses
 
-# Hopper gives a block at most 227 KiB of shared memory.
-SMEM_LIMIT = 227 * 1024
+import jax.numpy as jnp
+
+from pisa_jax.kernels._common import shared_memory_per_block
+
+DTYPES = ("bfloat16", "float16")
+BLOCK_SIZES = (64,)
+MAX_HEAD_DIM = 128
+
+
+def unsupported(dtype, block_size: int, head_dim: int) -> str | None:
+    """Why the kernel cannot take these inputs, or None."""
+    if jnp.dtype(dtype).name not in DTYPES:
+        return (f"the Mosaic GPU attention kernel takes bfloat16 or float16 inputs; got "
+                f"{jnp.dtype(dtype).name}")
+    if block_size not in BLOCK_SIZES:
+        return f"the Mosaic GPU attention kernel takes block_size 64; got {block_size}"
+    if head_dim > MAX_HEAD_DIM:
+        return (f"the Mosaic GPU attention kernel takes head dims up to {MAX_HEAD_DIM}; "
+                f"got D = {head_dim}")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +61,18 @@ class MosaicConfig:
 def default_config(block_size: int, head_dim: int, itemsize: int, num_selected: int,
                    padded_blocks: int) -> MosaicConfig:
     """The deepest pipeline (up to 4 stages) that fits two query blocks per CTA."""
+    limit = shared_memory_per_block()
     for stages in (4, 3, 2):
         cfg = MosaicConfig(stages=stages)
         if cfg.shared_memory_bytes(block_size, head_dim, itemsize, num_selected,
-                                   padded_blocks) <= SMEM_LIMIT:
+                                   padded_blocks) <= limit:
             return cfg
     for stages in (4, 3, 2, 1):
         cfg = MosaicConfig(stages=stages, query_blocks_per_cta=1)
         if cfg.shared_memory_bytes(block_size, head_dim, itemsize, num_selected,
-                                   padded_blocks) <= SMEM_LIMIT:
+                                   padded_blocks) <= limit:
             return cfg
     raise ValueError(
-        f"the Mosaic GPU attention kernel needs more shared memory than Hopper has for "
-        f"head dim {head_dim}, block size {block_size}, {num_selected} selected blocks and "
-        f"{padded_blocks} key blocks; use implementation='triton'")
+        f"the Mosaic GPU attention kernel needs more shared memory than the device has "
+        f"({limit} bytes) for head dim {head_dim}, block size {block_size}, {num_selected} "
+        f"selected blocks and {padded_blocks} key blocks; use implementation='triton'")

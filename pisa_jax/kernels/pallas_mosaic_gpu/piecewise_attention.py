@@ -25,10 +25,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pisa_jax._blocks import block_lengths, num_blocks, pad_tokens
+from pisa_jax._blocks import (block_lengths, ceil_div, head_axis, num_blocks, pad_tokens,
+                             token_axis)
 from pisa_jax._types import BlockStatistics, Selection
-from pisa_jax.kernels._common import LOG2E, inference_only
-from pisa_jax.kernels.pallas_mosaic_gpu.config import SMEM_LIMIT, MosaicConfig, default_config
+from pisa_jax.kernels._common import LOG2E, inference_only, shared_memory_per_block
+from pisa_jax.kernels.pallas_mosaic_gpu.config import MosaicConfig, default_config, unsupported
 
 # Index rows travel as [K / 32, 32] and mask rows as [NT / 64, 64]: a copy box may not be
 # longer than 256 along any axis, and each warpgroup's row starts 128-byte aligned.
@@ -203,29 +204,28 @@ def _zeroth_mask(indices: jax.Array, nt: int, nt_pad: int, dtype) -> jax.Array:
 
 
 def _head_dim(d: int) -> int:
-    if d > 128:
-        raise ValueError(f"the Mosaic GPU attention kernel takes head dims up to 128; got D = {d}")
     return 64 if d <= 64 else 128
 
 
 def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scale: float,
                order: int, layout: str, config: MosaicConfig | None):
-    ta = 1 if layout == "bthd" else 2
-    b, t, h, d = q.shape[0], q.shape[ta], q.shape[3 - ta], q.shape[-1]
+    ta = token_axis(layout)
+    b, t, h, d = q.shape[0], q.shape[ta], q.shape[head_axis(layout)], q.shape[-1]
     dtype = q.dtype
     d_pad = _head_dim(d)
     nt = num_blocks(t, block_size)
-    nt_pad = -(-nt // _MASK_ROW) * _MASK_ROW
+    nt_pad = ceil_div(nt, _MASK_ROW) * _MASK_ROW
     num_selected = indices.shape[-1]
-    k_pad = -(-num_selected // _INDEX_ROW) * _INDEX_ROW
+    k_pad = ceil_div(num_selected, _INDEX_ROW) * _INDEX_ROW
     config = config or default_config(block_size, d_pad, jnp.dtype(dtype).itemsize, k_pad,
                                       nt_pad)
     groups = config.query_blocks_per_cta
     smem = config.shared_memory_bytes(block_size, d_pad, jnp.dtype(dtype).itemsize, k_pad, nt_pad)
-    if smem > SMEM_LIMIT:
+    limit = shared_memory_per_block()
+    if smem > limit:
         raise ValueError(f"{config} needs about {smem} bytes of shared memory at head dim "
-                         f"{d_pad}, {num_selected} selected and {nt} key blocks; Hopper has "
-                         f"{SMEM_LIMIT}: use fewer stages or one query block per CTA")
+                         f"{d_pad}, {num_selected} selected and {nt} key blocks; the device "
+                         f"has {limit}: use fewer stages or one query block per CTA")
 
     def prepare(x):   # zero padding is exact: padded keys are masked, padded channels add 0
         x = pad_tokens(x, block_size, layout)
@@ -278,7 +278,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     out = plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(-(-nt // groups), h, b),
+        grid=(ceil_div(nt, groups), h, b),
         grid_names=("qpair", "heads", "batch"),
         num_threads=groups,
         thread_name="wg",
@@ -306,13 +306,9 @@ def piecewise_attention(q, k, v, stats: BlockStatistics, selection: Selection, *
     if interpret:
         raise ValueError("the Mosaic GPU attention kernel has no interpret mode; use "
                          "implementation='triton' (interpret=True) or 'reference' off the GPU")
-    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"the Mosaic GPU attention kernel takes bfloat16 or float16 inputs; got "
-                         f"{jnp.dtype(q.dtype).name}: use implementation='triton'")
-    if stats.block_size != 64:
-        raise ValueError(f"the Mosaic GPU attention kernel takes block_size 64; got "
-                         f"{stats.block_size}: use implementation='triton'")
-    _head_dim(q.shape[-1])
+    reason = unsupported(q.dtype, stats.block_size, q.shape[-1])
+    if reason:   # the public API has checked this already; direct callers get it here
+        raise ValueError(f"{reason}: use implementation='triton'")
     run = inference_only(functools.partial(
         _attention, block_size=stats.block_size, scale=scale, order=order, layout=layout,
         config=config))

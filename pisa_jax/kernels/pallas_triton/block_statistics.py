@@ -19,8 +19,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pisa_jax._blocks import ceil_div, head_axis, num_blocks, token_axis
 from pisa_jax._types import BlockStatistics
-from pisa_jax.kernels._common import (LaunchConfig, dot_precision, inference_only,
-                                      multiprocessor_count, prepare, token_block_spec)
+from pisa_jax.kernels._common import inference_only, multiprocessor_count
+from pisa_jax.kernels.pallas_triton._common import dot_precision, prepare, token_block_spec
+from pisa_jax.kernels.pallas_triton.config import LaunchConfig, statistics_config
 
 # One program per multiprocessor (read from the device) where that keeps the runs short,
 # and runs of at most 96 blocks beyond (measured on the H200, benchmarks/RESULTS.md).
@@ -108,7 +109,6 @@ def _statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str, inte
 def block_statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str,
                      interpret: bool, config: LaunchConfig | None = None) -> BlockStatistics:
     """Kernel version of `pisa_jax.block_statistics` (arguments already checked)."""
-    from pisa_jax.kernels.configs import statistics_config
     config = config or statistics_config(q.shape[-1], block_size, q.dtype)
     run = inference_only(functools.partial(
         _statistics, block_size=block_size, with_norms=with_norms, layout=layout,

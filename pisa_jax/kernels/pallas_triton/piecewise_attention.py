@@ -21,8 +21,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pisa_jax._blocks import block_lengths, ceil_div, head_axis, num_blocks, token_axis
 from pisa_jax._types import BlockStatistics, Selection
-from pisa_jax.kernels._common import (LOG2E, LaunchConfig, dot_precision, inference_only, prepare,
-                                      token_block_spec)
+from pisa_jax.kernels._common import LOG2E, inference_only
+from pisa_jax.kernels.pallas_triton._common import dot_precision, prepare, token_block_spec
+from pisa_jax.kernels.pallas_triton.config import LaunchConfig, attention_config, unsupported
 
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, skip_ref, kc_ref, vc_ref, len_ref, mom_ref, o_ref, *,
@@ -169,13 +170,10 @@ def piecewise_attention(q, k, v, stats: BlockStatistics, selection: Selection, *
                         order: int, layout: str, interpret: bool,
                         config: LaunchConfig | None = None) -> jax.Array:
     """Kernel version of `pisa_jax.piecewise_attention` (arguments already checked)."""
-    from pisa_jax.kernels.configs import attention_config
-    if not interpret and stats.block_size > 64 and jnp.dtype(q.dtype).itemsize > 2:
-        raise ValueError(
-            f"the Pallas attention kernel on GPU takes block_size 128 only for bfloat16/float16 "
-            f"inputs (float32 tiles of 128 x {q.shape[-1]} did not build in reasonable time); "
-            f"got {jnp.dtype(q.dtype).name} with block_size {stats.block_size}: use "
-            f"block_size=64, a half dtype, or implementation='reference'")
+    reason = unsupported(q.dtype, stats.block_size, q.shape[-1], interpret)
+    if reason:   # the public API has checked this already; direct callers get it here
+        raise ValueError(f"{reason}: use block_size=64, a half dtype, or "
+                         "implementation='reference'")
     config = config or attention_config(q.shape[-1], stats.block_size, q.dtype)
     run = inference_only(functools.partial(
         _attention, block_size=stats.block_size, scale=scale, order=order, layout=layout,
