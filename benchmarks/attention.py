@@ -18,9 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,7 @@ from pisa_jax.kernels.dispatch import mosaic_unavailable  # noqa: E402
 from pisa_jax.kernels.pallas_triton import LaunchConfig  # noqa: E402
 from pisa_jax.kernels.pallas_triton import block_statistics as stats_kernel  # noqa: E402
 from pisa_jax.kernels.pallas_triton import piecewise_attention as attn_kernel  # noqa: E402
+from pisa_jax.metrics import time_per_call  # noqa: E402
 
 SHAPES = {"flux-1024": (4608, 24), "flux-2048": (16896, 24), "seq-32k": (32768, 24),
           "wan-720p": (75776, 40)}
@@ -41,21 +40,8 @@ PUBLISHED_SPEEDUP_015 = {"flux-1024": "~1.0x", "flux-2048": "2.7x", "seq-32k": "
 D = 128
 
 
-def timeit(fn, *args, reps: int = 7, target_s: float = 0.05) -> float:
-    """Median seconds per call; calls are queued back to back, synchronised per rep."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    iters = max(1, min(200, int(target_s / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
+# Median seconds per call, calls queued back to back (the library's own timing loop).
+timeit = time_per_call
 
 
 def inputs(t, h, seed=0):
