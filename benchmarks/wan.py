@@ -18,9 +18,8 @@ classifier-free-guidance step. Random bf16 weights are drawn on the device.
 reports per-layer times and the full forward *extrapolated* to the released depth (the
 work outside the blocks, about 1% at these shapes, is scaled with them). Before starting it
 prints each stage's expected time from FLOP counts at 600 TFLOP/s (`--plan`: only that).
-Tile errors: PISA (density 0.15, biased selection) against dense attention on structured
-q, k, v (smooth random fields over the video grid with Wan's 3D rotary embedding), tokens
-in tile-major order per tile shape. `--tiny` runs everything at toy sizes on the CPU.
+The tile errors (`--tiles`) are `benchmarks/wan_tiles.py`'s. `--tiny` runs everything at
+toy sizes on the CPU.
 """
 
 from __future__ import annotations
@@ -46,12 +45,11 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pisa_jax as pj  # noqa: E402
 from models.checkpoint import flat_params  # noqa: E402
-from models.wan import (DEFAULT_TILE, WAN_T2V_1_3B, WAN_T2V_14B, Wan, WanConfig,  # noqa: E402
+from models.wan import (WAN_T2V_1_3B, WAN_T2V_14B, Wan, WanConfig,  # noqa: E402
                         default_policies)
 from models.wan.convert import diffusers_layout  # noqa: E402
-from models.wan.layers import apply_rope, rope_angles  # noqa: E402
 from pisa_jax.metrics import relative_error as rel  # noqa: E402
-from pisa_jax.tokens import tile_order  # noqa: E402
+from benchmarks import wan_tiles  # noqa: E402
 
 N_TXT = 512
 DENSITY = 0.15
@@ -61,9 +59,6 @@ SHAPES = {"14b-720p": (WAN_T2V_14B, (21, 90, 160)), "1.3b-480p": (WAN_T2V_1_3B, 
           "tiny": (TINY, (3, 12, 16))}
 # Correlation lengths (tokens) of the structured inputs: isotropic, then per axis (F, H, W)
 # with frames rougher (fast motion) and smoother (slow motion) than space.
-LENGTHS = (3.0, 8.0, (1.5, 4.0, 4.0), (8.0, 3.0, 3.0))
-TILES = ((4, 4, 4), (1, 8, 8), (2, 4, 8), (2, 8, 4), (4, 2, 8), (1, 4, 16), (2, 2, 16))
-FEW_TILES = (DEFAULT_TILE, (2, 8, 4), (1, 8, 8))
 PEAK_FLOPS = 600e12                        # assumed bf16 rate of the stage estimates
 # Compile seconds per block, dense / PISA, from the FLUX forward on the H200 (RESULTS.md).
 COMPILE_S_PER_LAYER = (0.35, 0.55)
@@ -333,71 +328,6 @@ def bench_shape(name: str, args, use_diffusers: bool, save) -> dict:
     return r
 
 
-# ------------------------------------------------------------------- tile shapes
-
-def structured_qkv(grid, heads: int, head_dim: int, *, length, seed: int = 0,
-                   dtype=jnp.float32):
-    """q, k, v `[1, T, H, D]` in raster order: smooth random fields over the grid.
-
-    Each field mixes 16 random plane waves whose wave vectors have length about
-    `1 / length` per token along each axis (`length`: one number, or one per axis), plus
-    5% white noise; q and k then get Wan's 3D rotary embedding (head dim split as in
-    `WanConfig.rope_dims`). Built on the default device.
-    """
-    rng = np.random.default_rng(seed)
-    t = int(np.prod(grid))
-    pos = jnp.stack(jnp.unravel_index(jnp.arange(t), grid), -1)
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    fields = []
-    for i in range(3):
-        waves = rng.normal(size=(3, 16)) / np.broadcast_to(np.asarray(length, float), 3)[:, None]
-        basis = jnp.cos(pos.astype(jnp.float32) @ jnp.asarray(waves, jnp.float32)
-                        + jnp.asarray(rng.uniform(0, 2 * np.pi, 16), jnp.float32))
-        mix = jnp.asarray(rng.normal(size=(heads, 16, head_dim)) / 4.0, jnp.float32)
-        x = (jnp.einsum("tf,hfd->thd", basis, mix)[None]
-             + 0.05 * jax.random.normal(keys[i], (1, t, heads, head_dim)))
-        fields.append(2.0 * x if i < 2 else x)
-    d = head_dim
-    angles = rope_angles(pos, (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)), 10_000.0)
-    rope = (jnp.cos(angles), jnp.sin(angles))
-    q, k, v = fields
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return tuple(x.astype(dtype) for x in (q, k, v))
-
-
-def tile_errors(grid, *, heads: int = 2, head_dim: int = 128, lengths=LENGTHS,
-                density: float = DENSITY, tiles=FEW_TILES, both_placements: bool = False,
-                implementation: str = "auto", dtype=jnp.float32) -> dict:
-    """Relative error of PISA against dense per tile shape (and raster order), per length.
-
-    Tiles are placed with the full tiles first; `both_placements` adds partial tiles left
-    in place."""
-    fn = jax.jit(functools.partial(pj.piecewise_sparse_attention, density=density,
-                                   use_bias=True, implementation=implementation))
-    dense = jax.jit(pj.dense_attention)
-    out = {}
-    for length in lengths:
-        q, k, v = structured_qkv(grid, heads, head_dim, length=length, dtype=dtype)
-        ref = np.asarray(dense(q, k, v), np.float32)
-        row = {"raster": rel(np.asarray(fn(q, k, v), np.float32), ref)}
-        for tile in tiles:
-            for first in (True, False) if both_placements else (True,):
-                order = tile_order(grid, tile, full_tiles_first=first)
-                o = fn(q[:, order], k[:, order], v[:, order])[:, np.argsort(order)]
-                name = "x".join(map(str, tile)) + ("" if first else " (partial in place)")
-                row[name] = rel(np.asarray(o, np.float32), ref)
-        out["length " + ",".join(f"{x:g}" for x in np.atleast_1d(length))] = row
-    return out
-
-
-def print_tile_errors(errors: dict) -> None:
-    names = list(next(iter(errors.values())))
-    print(f"\n{'order':>28} " + " ".join(f"{k[7:]:>12}" for k in errors) + "        mean")
-    for n in sorted(names, key=lambda n: np.mean([e[n] for e in errors.values()])):
-        vals = [e[n] for e in errors.values()]
-        print(f"{n:>28} " + " ".join(f"{x:12.4f}" for x in vals) + f" {np.mean(vals):11.4f}")
-
-
 def print_plan(shapes, args, use_diffusers: bool) -> float:
     total = 0.0
     for name in shapes:
@@ -437,12 +367,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--no-diffusers", action="store_true", help="our forwards only")
     p.add_argument("--plan", action="store_true", help="print the expected stage times, stop")
-    p.add_argument("--tiles", action="store_true",
-                   help="after the forwards, PISA's error against dense per tile shape")
-    p.add_argument("--all-tiles", action="store_true",
-                   help="with --tiles: every tile shape, both placements of partial tiles")
-    p.add_argument("--tile-grid", default=None,
-                   help="F,H,W token grid for the tile errors (default: each shape's grid)")
+    wan_tiles.add_arguments(p)
     p.add_argument("--tiny", action="store_true", help="toy sizes (CPU): a smoke run")
     args = p.parse_args(argv)
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
@@ -454,18 +379,9 @@ def main(argv=None):
     max_layers = min(SHAPES[s][0].num_layers for s in shapes)
     if args.layers is not None and not 1 <= args.layers <= max_layers:
         p.error(f"--layers must lie in [1, {max_layers}]; got {args.layers}")
-    grids = {}
-    if args.tile_grid:
-        try:
-            grids["custom"] = tuple(int(x) for x in args.tile_grid.split(","))
-        except ValueError:
-            p.error(f"--tile-grid: expected F,H,W integers, got {args.tile_grid!r}")
-        if len(grids["custom"]) != 3 or min(grids["custom"]) < 1:
-            p.error(f"--tile-grid: expected 3 positive integers, got {args.tile_grid!r}")
-    else:
-        for s in shapes:
-            cfg, latent = SHAPES[s]
-            grids[s] = tuple(n // q for n, q in zip(latent, cfg.patch_size))
+    grids = wan_tiles.grids(p, args, {s: tuple(n // q for n, q in zip(SHAPES[s][1],
+                                                                      SHAPES[s][0].patch_size))
+                                      for s in shapes})
     use_diffusers = False
     if not args.no_diffusers:
         try:
@@ -490,17 +406,7 @@ def main(argv=None):
         bench_shape(name, args, use_diffusers, save)
     print_table(results)
     if args.tiles:
-        on_gpu = jax.default_backend() == "gpu"
-        heads = 40 if on_gpu and not args.tiny else 2
-        for gname, grid in grids.items():
-            log(f"tile errors at {gname} grid {grid} (heads {heads})")
-            errs = tile_errors(grid, heads=heads, head_dim=128 if not args.tiny else 32,
-                               tiles=TILES if args.all_tiles else FEW_TILES,
-                               both_placements=args.all_tiles,
-                               dtype=jnp.bfloat16 if on_gpu else jnp.float32)
-            results["tile_errors"][f"{gname} {'x'.join(map(str, grid))}"] = errs
-            print_tile_errors(errs)
-            save()
+        wan_tiles.run(args, grids, results["tile_errors"], density=DENSITY, save=save, log=log)
     log("done")
     print(json.dumps(results, indent=1))
 

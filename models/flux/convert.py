@@ -11,16 +11,15 @@ SRC is one of
 OUT becomes a folder with `config.json` and `model-XXXXX.safetensors` shards whose names
 are the Flax parameter paths (`double_blocks.0.img_attn.qkv.kernel`, kernels `[in, out]`).
 
-Conversion streams tensor by tensor (the source is read lazily, the output is written in
-shards), refuses missing, unexpected or mis-shaped tensors by name, and writes into a
-temporary folder renamed to OUT only at the end, so a failure leaves nothing behind.
+Conversion streams tensor by tensor, refuses missing, unexpected or mis-shaped tensors by
+name before reading any, and leaves nothing behind on failure (`models.checkpoint`'s
+`plan_stream` and `write_converted`, shared by every model).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 from typing import Callable, Iterator
@@ -29,9 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles, TensorStream,
-                               atomic_folder, check_writable_output, fill_model, read_json,
-                               safetensors_files, write_sharded)
+from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles,
+                               add_conversion_arguments, fill_model, flat_params,
+                               locate_checkpoint, plan_stream, read_json, run_conversion,
+                               safetensors_files, same_layout, torch_layout, write_converted)
 from models.flux.config import FluxConfig
 from models.flux.model import Flux, check_dtype, default_policies
 from pisa_jax.cli import comma_list
@@ -42,21 +42,12 @@ FORMAT = "pisa-jax-flux"
 
 def _source_kind(src: str) -> tuple[str, str]:
     """('bfl' | 'diffusers' | 'converted', path of the file or folder)."""
-    if os.path.isfile(src):
-        if not src.endswith(".safetensors"):
-            raise CheckpointError(f"expected a .safetensors single file or a folder; got {src}")
-        return "bfl", src
-    if not os.path.isdir(src):
-        raise CheckpointError(f"no such file or folder: {src}")
-    cfg = os.path.join(src, "config.json")
-    if os.path.isfile(cfg):
-        meta = read_json(cfg)
-        return ("converted" if meta.get("format") == FORMAT else "diffusers"), src
-    if os.path.isfile(os.path.join(src, "transformer", "config.json")):
-        return "diffusers", os.path.join(src, "transformer")
-    raise CheckpointError(f"{src} is neither a single file, a diffusers transformer folder "
-                          "(config.json + safetensors), a pipeline folder (transformer/) nor "
-                          "a converted checkpoint")
+    where, path, meta = locate_checkpoint(
+        src, "a single file, a diffusers transformer folder (config.json + safetensors), a "
+             "pipeline folder (transformer/) nor a converted checkpoint")
+    if where == "folder":
+        return ("converted" if meta.get("format") == FORMAT else "diffusers"), path
+    return ("bfl" if where == "file" else "diffusers"), path
 
 
 # ------------------------------------------------------------------ hyperparameters
@@ -167,20 +158,6 @@ def _diffusers_recipe(cfg: FluxConfig) -> dict[str, tuple[list[str], Callable]]:
     return r
 
 
-def _expected_params(cfg: FluxConfig, dtype) -> dict[str, tuple[tuple, jax.ShapeDtypeStruct]]:
-    """Flax path string -> (path tuple, abstract value) of the model's parameters."""
-    abstract = nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    return {".".join(map(str, p)): (p, v) for p, v in flat}
-
-
-def _flax_to_bfl(path: str) -> tuple[str, bool]:
-    """('X.weight', transpose) for 'X.kernel'; other names unchanged."""
-    if path.endswith(".kernel"):
-        return path[: -len("kernel")] + "weight", True
-    return path, False
-
-
 def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
                    ) -> tuple[FluxConfig, Iterator[tuple[str, jax.Array]]]:
     """The config and a stream of (Flax path, array) for any supported SRC.
@@ -190,6 +167,7 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
     """
     check_dtype(dtype)
     kind, path = _source_kind(src)
+    source_name = torch_layout
     if kind == "converted":
         cfg_path = os.path.join(path, "config.json")
         meta = read_json(cfg_path)
@@ -200,69 +178,38 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, axes_dim=None
             raise CheckpointError(f"{path}: a converted checkpoint without its "
                                   "model-*.safetensors shards")
         files = TensorFiles(shards)
-        recipe = {n: ([n], lambda x: x) for n in files.names()}
-        to_source = lambda p: (p, False)
+        source_name = same_layout
     elif kind == "bfl":
         files = TensorFiles([path], strip_prefix=BFL_PREFIX)
-        recipe = {n: ([n], lambda x: x) for n in files.names()}
-        to_source = _flax_to_bfl
     else:
         cfg = config_from_diffusers(path, axes_dim)
         files = TensorFiles(safetensors_files(path))
-        recipe = _diffusers_recipe(cfg)
-        to_source = _flax_to_bfl
     try:
         if kind == "bfl":
             cfg = config_from_bfl(files, axes_dim, source=path)
-        return cfg, _planned_stream(files, recipe, to_source, cfg, dtype)
+        recipe = (_diffusers_recipe(cfg) if kind == "diffusers"
+                  else {n: ([n], lambda x: x) for n in files.names()})
     except BaseException:
         files.close()
         raise
+    return cfg, _plan(files, recipe, cfg, dtype, source_name)
 
 
 def iter_diffusers_state(tensors: dict, cfg: FluxConfig, *, dtype=jnp.bfloat16,
                          to_array: Callable = jnp.asarray):
     """(Flax path, array) stream from an in-memory diffusers state dict."""
-    return _planned_stream(TensorDict(tensors, to_array), _diffusers_recipe(cfg), _flax_to_bfl,
-                           cfg, dtype)
+    return _plan(TensorDict(tensors, to_array), _diffusers_recipe(cfg), cfg, dtype)
 
 
-def _planned_stream(files, recipe, to_source, cfg: FluxConfig, dtype):
-    expected = _expected_params(cfg, dtype)
-    plan = {}
-    for flax_path, (_, abstract) in expected.items():
-        name, transpose = to_source(flax_path)
-        if name not in recipe:
-            continue
-        plan[flax_path] = (recipe[name], transpose, abstract.shape)
-    missing = sorted(to_source(p)[0] for p in expected if p not in plan)
-    needed = {n for (names, _), _, _ in plan.values() for n in names}
-    absent = sorted(needed - files.names())
-    unexpected = sorted(files.names() - needed)
-    if missing or absent or unexpected:
-        raise CheckpointError(
-            "checkpoint does not match the FLUX model inferred from it: "
-            + "; ".join(f"{what}: {names[:20]}{' ...' if len(names) > 20 else ''}"
-                        for what, names in (("missing", missing + absent),
-                                            ("unexpected", unexpected)) if names))
-    for flax_path, ((names, _), transpose, shape) in plan.items():
-        got = [files.shape(n) for n in names]
-        rows = sum(s[0] for s in got)
-        full = (rows,) + got[0][1:]
-        if transpose:
-            full = full[::-1]
-        if full != tuple(shape):
-            raise CheckpointError(f"tensor {names if len(names) > 1 else names[0]} has shape "
-                                  f"{got if len(got) > 1 else got[0]}; the model expects "
-                                  f"{tuple(shape[::-1]) if transpose else tuple(shape)} "
-                                  f"for {to_source(flax_path)[0]}")
-
-    def stream():
-        for flax_path, ((names, combine), transpose, _) in plan.items():
-            x = combine(*(files.get(n) for n in names))
-            yield flax_path, (x.T if transpose else x).astype(dtype)
-
-    return TensorStream(files, stream())
+def _plan(files, recipe, cfg: FluxConfig, dtype, source_name=torch_layout):
+    """`plan_stream` for the FLUX model of `cfg` (checks names and shapes up front)."""
+    try:
+        abstract = nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    except BaseException:
+        files.close()
+        raise
+    return plan_stream(files, flat_params(abstract), recipe, dtype=dtype, model="FLUX",
+                       source_name=source_name)
 
 
 # ------------------------------------------------------------------------- writing
@@ -274,17 +221,8 @@ def convert(src: str, out: str, *, dtype=jnp.bfloat16, axes_dim=None, progress=p
     mismatched source, a bad `axes_dim`, or an output that exists or cannot be written
     (checked before any work). The source files are closed when it returns or fails.
     """
-    check_writable_output(out)
-    with jax.default_device(jax.devices("cpu")[0]):     # conversion needs no accelerator
-        cfg, tensors = iter_converted(src, dtype=dtype, axes_dim=axes_dim)
-        with tensors, atomic_folder(out) as tmp:
-            n_tensors, n_shards = write_sharded(tmp, tensors, progress=progress)
-            meta = json.loads(cfg.to_json()) | {"format": FORMAT,
-                                                "dtype": jnp.dtype(dtype).name}
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-    progress(f"wrote {n_tensors} tensors in {n_shards} shard(s) to {out}")
-    return out
+    return write_converted(out, lambda: iter_converted(src, dtype=dtype, axes_dim=axes_dim),
+                           format=FORMAT, dtype=dtype, progress=progress)
 
 
 def load_flux(path: str, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None,
@@ -325,15 +263,12 @@ def model_from_tensors(cfg: FluxConfig, tensors, *, dtype, policies) -> Flux:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="BFL single file, diffusers transformer or pipeline folder")
-    p.add_argument("out", help="output folder (must not exist)")
+    add_conversion_arguments(p, "BFL single file, diffusers transformer or pipeline folder")
     p.add_argument("--axes-dim", default=None,
                    type=comma_list(int, "three comma-separated positive even integers",
                                    lambda a: a > 0 and a % 2 == 0),
                    help="rotary embedding dims per id axis, summing to the head dim, e.g. "
                         "16,56,56 (default: from the source's config, else 16,56,56)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
-                   help="dtype of the written weights (default bf16)")
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -349,15 +284,8 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     if args.axes_dim is not None and len(args.axes_dim) != 3:
         parser.error(f"argument --axes-dim: expected three values (one per id axis), got "
                      f"{','.join(map(str, args.axes_dim))}")
-    try:
-        convert(args.src, args.out, dtype=DTYPES[args.dtype], axes_dim=args.axes_dim)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:       # e.g. the disk filling up while writing
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_conversion(lambda: convert(args.src, args.out, dtype=DTYPES[args.dtype],
+                                          axes_dim=args.axes_dim), args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,14 +16,13 @@ multiple of 16 is an error, not resized.
 
 The batch is split over the pipeline's devices with `shard_map` (weights replicated,
 each device running the whole loop on its share); a batch that does not divide is padded
-with copies of its last image, which are dropped from the result.
+with copies of its last image, which are dropped from the result. Finding and reading
+the components is `models.flux.pipeline_loading`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import os
 import time
 import warnings
 from typing import Callable, Sequence
@@ -34,55 +33,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.checkpoint import CheckpointError, read_json
-from models.flux.sampling import euler_loop, image_ids, schedule, unpack_latents
+# COMPONENTS and component_paths stay importable from here, where they used to live.
+from models.flux.pipeline_loading import (COMPONENTS, SchedulerConfig,  # noqa: F401
+                                          component_paths, load_components)
+from models.flux.sampling import euler_loop, image_ids, unpack_latents
 
-COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer",
-              "tokenizer_2")
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_SEQUENCE_LENGTH = 512             # what FLUX.1's T5 was trained with
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    """The flow-matching schedule as diffusers' FlowMatchEulerDiscreteScheduler config
-    names it (`use_dynamic_shifting`, `shift`, `base_shift`, `max_shift`,
-    `base_image_seq_len`, `max_image_seq_len`)."""
-    dynamic_shift: bool = True
-    shift: float = 1.0
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_tokens: int = 256
-    max_tokens: int = 4096
-
-    def __post_init__(self):
-        if self.shift <= 0 or self.max_tokens <= self.base_tokens:
-            raise ValueError(f"SchedulerConfig: shift must be > 0 and max_tokens > base_tokens;"
-                             f" got {self}")
-
-    @classmethod
-    def for_variant(cls, guidance_embed: bool) -> "SchedulerConfig":
-        """FLUX.1-dev's (dynamic shift) or FLUX.1-schnell's (none)."""
-        return cls(dynamic_shift=guidance_embed)
-
-    @classmethod
-    def from_diffusers(cls, path: str) -> "SchedulerConfig":
-        c = read_json(path)
-        if c.get("time_shift_type", "exponential") != "exponential" or any(
-                c.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas",
-                                   "use_beta_sigmas", "shift_terminal", "invert_sigmas")):
-            raise CheckpointError(f"{path}: only FLUX's exponential time shift is supported")
-        return cls(dynamic_shift=bool(c.get("use_dynamic_shifting", False)),
-                   shift=float(c.get("shift", 1.0)), base_shift=c.get("base_shift", 0.5),
-                   max_shift=c.get("max_shift", 1.15),
-                   base_tokens=c.get("base_image_seq_len", 256),
-                   max_tokens=c.get("max_image_seq_len", 4096))
-
-    def sigmas(self, num_steps: int, image_tokens: int) -> np.ndarray:
-        return schedule(num_steps, image_tokens, shift=self.dynamic_shift,
-                        base_shift=self.base_shift, max_shift=self.max_shift,
-                        base_tokens=self.base_tokens, max_tokens=self.max_tokens,
-                        constant_shift=self.shift)
 
 
 # ------------------------------------------------------------------------ pipeline
@@ -163,27 +120,13 @@ class FluxPipeline:
         `models.flux.load_flux`. Raises `CheckpointError` naming a missing component and
         the path where it was looked for, or the unreadable file.
         """
-        from models.flux.autoencoder import load_autoencoder
-        from models.flux.convert import load_flux
-        from models.text_encoders import load_clip, load_t5
-        from models.text_encoders.tokenizers import CLIPTokenizer, T5Tokenizer
         t0 = time.perf_counter()
-        given = dict(transformer=transformer, text_encoder=text_encoder,
-                     text_encoder_2=text_encoder_2, vae=vae, tokenizer=tokenizer,
-                     tokenizer_2=tokenizer_2)
-        paths = component_paths(path, given)
-        flux = load_flux(paths["transformer"], dtype=dtype, attention=attention,
-                         policies=policies, **policy_options)
-        sched = None
-        sched_file = os.path.join(path or "", "scheduler", "scheduler_config.json")
-        if path is not None and os.path.isfile(sched_file):
-            sched = SchedulerConfig.from_diffusers(sched_file)
-        pipe = cls(flux, load_clip(paths["text_encoder"], dtype=dtype),
-                   load_t5(paths["text_encoder_2"], dtype=dtype),
-                   load_autoencoder(paths["vae"], dtype=dtype),
-                   CLIPTokenizer.from_folder(paths["tokenizer"]),
-                   T5Tokenizer.from_folder(paths["tokenizer_2"]), scheduler=sched,
-                   devices=devices)
+        parts, sched = load_components(
+            path, dtype=dtype, attention=attention, policies=policies,
+            given=dict(transformer=transformer, text_encoder=text_encoder,
+                       text_encoder_2=text_encoder_2, vae=vae, tokenizer=tokenizer,
+                       tokenizer_2=tokenizer_2), **policy_options)
+        pipe = cls(*parts, scheduler=sched, devices=devices)
         jax.block_until_ready(pipe._states)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
@@ -367,28 +310,6 @@ class _StageClock:
 
 
 # ----------------------------------------------------------------------- checks
-
-def component_paths(path: str | None, given: dict) -> dict[str, str]:
-    """Where each component is: `given[name]` (relative to `path` unless it exists as
-    given or is absolute) or `path/name`. Raises `CheckpointError` naming what is missing."""
-    if path is not None and not os.path.isdir(path):
-        raise CheckpointError(f"pipeline folder {path}: no such folder")
-    out = {}
-    for name in COMPONENTS:
-        p = given.get(name)
-        if p is not None and path is not None and not os.path.isabs(p) and not os.path.exists(p):
-            p = os.path.join(path, p)
-        elif p is None:
-            if path is None:
-                raise CheckpointError(f"no path for the {name} component: give the pipeline "
-                                      f"folder or {name}=")
-            p = os.path.join(path, name)
-        if not os.path.exists(p):
-            raise CheckpointError(f"missing {name} component: {p} does not exist (a FLUX.1 "
-                                  f"pipeline folder holds {', '.join(COMPONENTS)})")
-        out[name] = p
-    return out
-
 
 def _check_prompt(prompt) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt

@@ -10,19 +10,17 @@ SRC is one of
     carries no head count: it is `--num-heads`, else dim / 128 (both released models);
   * a diffusers transformer folder (`config.json` of `WanTransformer3DModel` and its
     safetensors shards with their index JSON), or a pipeline folder with `transformer/`.
-OUT becomes a folder with `config.json` and `model-XXXXX.safetensors` shards whose names
-are the Flax parameter paths (`blocks.0.self_attn.q.kernel`, kernels `[in, out]`).
+OUT gets the Flax parameter paths as tensor names (`blocks.0.self_attn.q.kernel`, kernels
+`[in, out]`) in `model-XXXXX.safetensors` shards, and a `config.json`.
 
-Conversion streams tensor by tensor (the source is read lazily, the output is written in
-shards), refuses missing, unexpected or mis-shaped tensors by name, and writes into a
-temporary folder renamed to OUT only at the end, so a failure leaves nothing behind.
+This file holds Wan's names and configs; the checks, streaming and atomic writing are
+`models.checkpoint.plan_stream` and `write_converted`, shared with FLUX.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import re
 import sys
@@ -33,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles,
-                               atomic_folder, check_writable_output, fill_model, flat_params,
-                               read_json, safetensors_files, write_sharded)
+from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles, fill_model,
+                               flat_params, locate_checkpoint, read_json, safetensors_files)
+from models.checkpoint import (Recipe, add_conversion_arguments, plan_stream,  # conversion
+                               run_conversion, same_layout, torch_layout, write_converted)
 from models.wan.config import WanConfig
 from models.wan.model import Wan, default_policies
 
@@ -70,28 +69,21 @@ def official_name(diffusers_name: str) -> str:
 
 def _source_kind(src: str) -> tuple[str, str]:
     """('official' | 'diffusers' | 'converted', path of the file or folder)."""
-    if os.path.isfile(src):
-        if not src.endswith(".safetensors"):
-            raise CheckpointError(f"expected a .safetensors single file or a folder; got {src}")
-        return "official", src
-    if not os.path.isdir(src):
-        raise CheckpointError(f"no such file or folder: {src}")
-    cfg = os.path.join(src, "config.json")
-    if os.path.isfile(cfg):
-        meta = read_json(cfg)
-        if meta.get("format") == FORMAT:
-            return "converted", src
-        if "num_attention_heads" in meta:
-            return "diffusers", src
-        if "dim" in meta and "num_heads" in meta:
-            return "official", src
-        raise CheckpointError(f"{cfg}: neither a diffusers WanTransformer3DModel config "
-                              "(num_attention_heads) nor an official Wan2.1 one (dim, num_heads)")
-    if os.path.isfile(os.path.join(src, "transformer", "config.json")):
-        return "diffusers", os.path.join(src, "transformer")
-    raise CheckpointError(f"{src} is neither a single file, a diffusers transformer folder "
-                          "(config.json + safetensors), a pipeline folder (transformer/), an "
-                          "official Wan2.1 folder nor a converted checkpoint")
+    where, path, meta = locate_checkpoint(
+        src, "a single file, a diffusers transformer folder (config.json + safetensors), a "
+             "pipeline folder (transformer/), an official Wan2.1 folder nor a converted "
+             "checkpoint")
+    if where != "folder":
+        return ("official" if where == "file" else "diffusers"), path
+    if meta.get("format") == FORMAT:
+        return "converted", path
+    if "num_attention_heads" in meta:
+        return "diffusers", path
+    if "dim" in meta and "num_heads" in meta:
+        return "official", path
+    raise CheckpointError(f"{os.path.join(path, 'config.json')}: neither a diffusers "
+                          "WanTransformer3DModel config (num_attention_heads) nor an official "
+                          "Wan2.1 one (dim, num_heads)")
 
 
 # ------------------------------------------------------------------ hyperparameters
@@ -140,45 +132,21 @@ def config_from_official(files, meta: dict | None, num_heads: int | None) -> Wan
 
 # -------------------------------------------------------------------- name mapping
 
-def _flax_to_official(path: str, ndim: int) -> tuple[str, tuple | None]:
-    """('X.weight', axes to transpose the official tensor with) for 'X.kernel'."""
-    if path.endswith(".kernel"):
-        # Linear [out, in] -> [in, out]; Conv3d [out, in, t, h, w] -> [t, h, w, in, out].
-        return path[: -len("kernel")] + "weight", (1, 0) if ndim == 2 else (2, 3, 4, 1, 0)
-    return path, None
+def _plan(files, recipe, cfg: WanConfig, dtype, source_name=torch_layout):
+    """`plan_stream` for the Wan model of `cfg` (checks names and shapes up front)."""
+    try:
+        abstract = nnx.eval_shape(lambda: Wan(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                              policies=default_policies(cfg, "dense")))
+    except BaseException:
+        files.close()
+        raise
+    return plan_stream(files, flat_params(abstract), recipe, dtype=dtype, model="Wan",
+                       source_name=source_name)
 
 
-def _planned_stream(files, rename: dict[str, str], cfg: WanConfig, dtype, converted=False):
-    """(Flax path, array) stream; every name and shape check runs before the first tensor."""
-    abstract = nnx.eval_shape(lambda: Wan(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                          policies=default_policies(cfg, "dense")))
-    plan, missing = {}, []
-    for flax_path, value in flat_params(abstract).items():
-        name, axes = ((flax_path, None) if converted
-                      else _flax_to_official(flax_path, len(value.shape)))
-        if name not in rename:
-            missing.append(name)
-            continue
-        plan[flax_path] = (rename[name], axes, tuple(value.shape))
-    unexpected = sorted(files.names() - {src for src, _, _ in plan.values()})
-    if missing or unexpected:
-        raise CheckpointError(
-            "checkpoint does not match the Wan model inferred from it: "
-            + "; ".join(f"{what}: {names[:20]}{' ...' if len(names) > 20 else ''}"
-                        for what, names in (("missing", sorted(missing)),
-                                            ("unexpected", unexpected)) if names))
-    for flax_path, (src, axes, shape) in plan.items():
-        got = files.shape(src)
-        want = shape if axes is None else tuple(shape[axes.index(i)] for i in range(len(axes)))
-        if got != want:
-            raise CheckpointError(f"tensor {src} has shape {got}; the model expects {want}")
-
-    def stream():
-        for flax_path, (src, axes, _) in plan.items():
-            x = files.get(src)
-            yield flax_path, (x if axes is None else jnp.transpose(x, axes)).astype(dtype)
-
-    return stream()
+def _recipe(files, rename=lambda n: n) -> Recipe:
+    """Official (or Flax) name -> ([source name], as is) for every tensor of `files`."""
+    return {rename(n): ([n], lambda x: x) for n in files.names()}
 
 
 def iter_converted(src: str, *, dtype=jnp.bfloat16, num_heads: int | None = None
@@ -189,23 +157,27 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, num_heads: int | None = None
         meta = read_json(os.path.join(path, "config.json"))
         cfg = WanConfig(**{k: v for k, v in meta.items() if k not in ("format", "dtype")})
         files = TensorFiles(sorted(glob.glob(os.path.join(path, "model-*.safetensors"))))
-        return cfg, _planned_stream(files, {n: n for n in files.names()}, cfg, dtype, True)
+        return cfg, _plan(files, _recipe(files), cfg, dtype, same_layout)
     if kind == "official":
         single = os.path.isfile(path)
         files = TensorFiles([path] if single else safetensors_files(path), strip_prefix=PREFIX)
         meta = None if single else read_json(os.path.join(path, "config.json"))
-        cfg = config_from_official(files, meta, num_heads)
-        return cfg, _planned_stream(files, {n: n for n in files.names()}, cfg, dtype)
-    files = TensorFiles(safetensors_files(path))
+        try:
+            cfg = config_from_official(files, meta, num_heads)
+        except BaseException:
+            files.close()
+            raise
+        return cfg, _plan(files, _recipe(files), cfg, dtype)
     cfg = config_from_diffusers(path)
-    return cfg, _planned_stream(files, {official_name(n): n for n in files.names()}, cfg, dtype)
+    files = TensorFiles(safetensors_files(path))
+    return cfg, _plan(files, _recipe(files, official_name), cfg, dtype)
 
 
 def iter_diffusers_state(tensors: dict, cfg: WanConfig, *, dtype=jnp.bfloat16,
                          to_array=jnp.asarray):
     """(Flax path, array) stream from an in-memory diffusers state dict."""
-    return _planned_stream(TensorDict(tensors, to_array),
-                           {official_name(n): n for n in tensors}, cfg, dtype)
+    files = TensorDict(tensors, to_array)
+    return _plan(files, _recipe(files, official_name), cfg, dtype)
 
 
 def diffusers_layout(cfg: WanConfig, diffusers_names) -> dict[str, tuple[str, tuple | None]]:
@@ -220,7 +192,7 @@ def diffusers_layout(cfg: WanConfig, diffusers_names) -> dict[str, tuple[str, tu
     by_official = {official_name(n): n for n in diffusers_names}
     plan, missing = {}, []
     for flax_path, value in flat_params(abstract).items():
-        name, axes = _flax_to_official(flax_path, len(value.shape))
+        name, axes = torch_layout(flax_path, len(value.shape))
         if name not in by_official:
             missing.append(name)
             continue
@@ -236,18 +208,13 @@ def diffusers_layout(cfg: WanConfig, diffusers_names) -> dict[str, tuple[str, tu
 
 def convert(src: str, out: str, *, dtype=jnp.bfloat16, num_heads: int | None = None,
             progress=print) -> str:
-    """Converts SRC into the folder OUT (must not exist); returns OUT."""
-    check_writable_output(out)
-    with jax.default_device(jax.devices("cpu")[0]):     # conversion needs no accelerator
-        cfg, tensors = iter_converted(src, dtype=dtype, num_heads=num_heads)
-        with atomic_folder(out) as tmp:
-            n_tensors, n_shards = write_sharded(tmp, tensors, progress=progress)
-            meta = json.loads(cfg.to_json()) | {"format": FORMAT,
-                                                "dtype": jnp.dtype(dtype).name}
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-    progress(f"wrote {n_tensors} tensors in {n_shards} shard(s) to {out}")
-    return out
+    """Converts SRC into the folder OUT (must not exist); returns OUT.
+
+    Raises `CheckpointError` naming the file for an unreadable or mismatched source, or an
+    output that exists or cannot be written (checked before any work).
+    """
+    return write_converted(out, lambda: iter_converted(src, dtype=dtype, num_heads=num_heads),
+                           format=FORMAT, dtype=dtype, progress=progress)
 
 
 def load_wan(path: str, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None,
@@ -281,21 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.wan.convert",
                                 description="Convert Wan2.1 transformer weights to pisa-jax's "
                                             "Flax layout.")
-    p.add_argument("src", help="official Wan2.1 folder or file, diffusers transformer or "
-                               "pipeline folder")
-    p.add_argument("out", help="output folder (must not exist)")
+    add_conversion_arguments(p, "official Wan2.1 folder or file, diffusers transformer or "
+                                "pipeline folder")
     p.add_argument("--num-heads", type=int, default=None,
                    help="head count of an official single file (default: dim / 128)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     args = p.parse_args(argv)
     if args.num_heads is not None and args.num_heads < 1:
         p.error(f"--num-heads must be positive; got {args.num_heads}")
-    try:
-        convert(args.src, args.out, dtype=DTYPES[args.dtype], num_heads=args.num_heads)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_conversion(lambda: convert(args.src, args.out, dtype=DTYPES[args.dtype],
+                                          num_heads=args.num_heads), args.out)
 
 
 if __name__ == "__main__":
