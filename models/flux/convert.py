@@ -12,7 +12,7 @@ OUT becomes a folder with `config.json` and `model-XXXXX.safetensors` shards who
 are the Flax parameter paths (`double_blocks.0.img_attn.qkv.kernel`, kernels `[in, out]`).
 
 Conversion streams tensor by tensor, refuses missing, unexpected or mis-shaped tensors by
-name before reading any, and leaves nothing behind on failure (`models.checkpoint`'s
+name before reading any, and leaves nothing behind on failure (`models.conversion`'s
 `plan_stream` and `write_converted`, shared by every model).
 """
 
@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles,
-                               add_conversion_arguments, fill_model, flat_params,
-                               locate_checkpoint, plan_stream, read_json, run_conversion,
-                               safetensors_files, same_layout, torch_layout, write_converted)
+from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles, fill_model,
+                               flat_params, read_json, safetensors_files)
+from models.conversion import (add_conversion_arguments, locate_checkpoint, plan_stream,
+                               run_conversion, same_layout, torch_layout, write_converted)
 from models.flux.config import FluxConfig
 from models.flux.model import Flux, check_dtype, default_policies
 from pisa_jax.cli import comma_list

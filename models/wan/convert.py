@@ -14,7 +14,7 @@ OUT gets the Flax parameter paths as tensor names (`blocks.0.self_attn.q.kernel`
 `[in, out]`) in `model-XXXXX.safetensors` shards, and a `config.json`.
 
 This file holds Wan's names and configs; the checks, streaming and atomic writing are
-`models.checkpoint.plan_stream` and `write_converted`, shared with FLUX.
+`models.conversion.plan_stream` and `write_converted`, shared with FLUX.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ import numpy as np
 from flax import nnx
 
 from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles, fill_model,
-                               flat_params, locate_checkpoint, read_json, safetensors_files)
-from models.checkpoint import (Recipe, add_conversion_arguments, plan_stream,  # conversion
-                               run_conversion, same_layout, torch_layout, write_converted)
+                               flat_params, read_json, safetensors_files)
+from models.conversion import (Recipe, add_conversion_arguments, locate_checkpoint,
+                               plan_stream, run_conversion, same_layout, torch_layout,
+                               write_converted)
 from models.wan.config import WanConfig
 from models.wan.model import Wan, default_policies
 
