@@ -176,7 +176,7 @@ def ours_end_to_end(pipe, prompts, size, steps, dense_steps, latents, max_len) -
         t0 = time.perf_counter()
         images = pipe(prompts, height=size, width=size, num_inference_steps=steps,
                       guidance_scale=GUIDANCE, latents=latents, max_sequence_length=max_len,
-                      dense_steps=dense_steps, output_type="np")
+                      dense_steps=dense_steps, output_type="np").images
         r[f"{call}_call_s"] = time.perf_counter() - t0
         r[f"{call}_call_compile_s"] = pipe.last_timings["compile"]
     for k in ("text_encoding", "denoising", "decoding"):
@@ -220,7 +220,7 @@ def main(argv=None):
                    help="tiny random model on any device, no torch or diffusers")
     args = p.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("64,128" if args.tiny else "1024,2048")).split(",")]
-    steps = args.steps or (2 if args.tiny else REFERENCE_STEPS)
+    steps = args.steps if args.steps is not None else (2 if args.tiny else REFERENCE_STEPS)
     if any(s <= 0 or s % 16 for s in sizes) or steps < 1:
         p.error(f"--sizes must be positive multiples of 16 and --steps >= 1; got {sizes}, "
                 f"{steps}")

@@ -7,6 +7,8 @@ folders and diffusers' float32 outputs for fixed `latents`).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,7 +21,7 @@ import pytest
 
 from models.checkpoint import CheckpointError
 from models.flux.generate import gaussian_window, psnr, ssim
-from models.flux.pipeline import FluxPipeline
+from models.flux.pipeline import FluxPipeline, FluxPipelineOutput, SchedulerConfig
 from models.flux.sampling import pack_latents, unpack_latents
 from tests.helpers import relative_error
 
@@ -51,11 +53,15 @@ TWO_DEVICES = textwrap.dedent(f"""
     one = FluxPipeline.from_pretrained({folder('dev')!r}, dtype=jnp.float32,
                                        devices=jax.devices()[:1])
     two = FluxPipeline.from_pretrained({folder('dev')!r}, dtype=jnp.float32)
-    a, b = one(prompts, seed=3, **kw), two(prompts, seed=3, **kw)   # 3: padded to 4
+    a, b = one(prompts, seed=3, **kw).images, two(prompts, seed=3, **kw).images  # 3 -> 4
     assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(two._states))
     assert a.shape == b.shape == (3, 32, 48, 3)
     print(float(np.abs(a - b).max()))
     assert np.abs(a - b).max() < 1e-5
+    (t1, y1), (t2, y2) = one.encode_prompt(prompts, 8), two.encode_prompt(prompts, 8)
+    assert t2.shape == (3, 8, t1.shape[2]) and y2.shape == y1.shape == (3, y1.shape[1])
+    assert np.abs(np.asarray(t1) - np.asarray(t2)).max() < 1e-5
+    assert np.abs(np.asarray(y1) - np.asarray(y2)).max() < 1e-5
     print("ok")
 """)
 
@@ -91,19 +97,25 @@ def test_images_match_diffusers_flux_pipeline(pipes, variant):
     pipe = pipes[variant]
     prompts, kwargs, ref = reference(variant)
     assert pipe.is_dev == (variant == "dev")
+    with open(os.path.join(folder(variant), "text_encoder", "config.json")) as f:
+        assert json.load(f)["eos_token_id"] == 2    # FLUX's legacy id: pooled at the largest
     np.testing.assert_array_equal(pipe.scheduler.sigmas(kwargs["num_inference_steps"],
                                                         kwargs["latents"].shape[1]),
                                   ref["sigmas"])
     txt, pooled = pipe.encode_prompt(prompts, kwargs["max_sequence_length"])
     assert relative_error(np.asarray(txt), ref["t5_embeds"]) < 1e-5
     assert relative_error(np.asarray(pooled), ref["pooled"]) < 1e-5
-    latents = pipe(prompts, output_type="latent", **kwargs)
+    latents = pipe(prompts, output_type="latent", **kwargs).images
     assert relative_error(latents, ref["final_latents"]) < 1e-4
-    images = pipe(prompts, output_type="np", **kwargs)
+    out = pipe(prompts, output_type="np", return_dict=False, **kwargs)
+    assert isinstance(out, tuple) and len(out) == 1
+    images = out[0]
     assert images.dtype == np.float32 and images.shape == ref["images"].shape
     assert ref["images"].std() > 0.1                    # a real image, not a flat one
     assert np.abs(images - ref["images"]).max() < 1e-3   # max abs difference, in [0, 1]
-    pil = pipe(prompts, output_type="pil", **kwargs)
+    out = pipe(prompts, output_type="pil", **kwargs)
+    assert isinstance(out, FluxPipelineOutput)
+    pil = out.images
     assert len(pil) == len(prompts) and pil[0].size == (kwargs["width"], kwargs["height"])
 
 
@@ -112,11 +124,11 @@ def test_second_call_with_another_prompt_and_seed_neither_traces_nor_compiles(pi
     steps = []
     kwargs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=8,
                   output_type="np")
-    first = pipe("a cat", seed=1, progress=steps.append, **kwargs)
+    first = pipe("a cat", seed=1, progress=steps.append, **kwargs).images
     assert steps == [1, 2]
     traces, compiled = dict(pipe.traces), len(pipe._compiled)
-    second = pipe("a lighthouse by the sea", seed=2, **kwargs)
-    third = pipe("a lighthouse by the sea", seed=2, progress=steps.append, **kwargs)
+    second = pipe("a lighthouse by the sea", seed=2, **kwargs).images
+    third = pipe("a lighthouse by the sea", seed=2, progress=steps.append, **kwargs).images
     assert dict(pipe.traces) == traces and len(pipe._compiled) == compiled
     assert pipe.last_timings["compile"] == 0.0
     assert np.abs(first - second).max() > 0.05         # prompt and seed matter
@@ -127,9 +139,9 @@ def test_seed_i_of_a_batch_is_the_seed_plus_i_alone(pipes):
     pipe = pipes["schnell"]
     kwargs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=8,
                   output_type="latent")
-    batch = pipe(["a cat", "a dog"], seed=7, **kwargs)
-    np.testing.assert_allclose(batch[1], pipe("a dog", seed=8, **kwargs)[0], atol=1e-5)
-    np.testing.assert_allclose(batch, pipe(["a cat", "a dog"], seed=[7, 8], **kwargs),
+    batch = pipe(["a cat", "a dog"], seed=7, **kwargs).images
+    np.testing.assert_allclose(batch[1], pipe("a dog", seed=8, **kwargs).images[0], atol=1e-5)
+    np.testing.assert_allclose(batch, pipe(["a cat", "a dog"], seed=[7, 8], **kwargs).images,
                                atol=1e-6)
 
 
@@ -155,7 +167,13 @@ def test_bad_arguments_raise_errors_naming_them(pipes):
         (dict(latents=np.zeros((1, 5, 64))), ValueError, r"latents must have shape \[1, 4, 64\]"),
         (dict(seed=[1, 2]), ValueError, "one int per prompt"),
         (dict(seed=-1), ValueError, "seed must be in"),
-        (dict(guidance_scale="high"), TypeError, "guidance_scale must be a number"),
+        (dict(guidance_scale="high"), TypeError, "guidance_scale must be a real number"),
+        (dict(guidance_scale=True), TypeError, "guidance_scale must be a real number"),
+        (dict(guidance_scale=np.zeros(2)), TypeError, "guidance_scale must be a real number"),
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be finite"),
+        (dict(guidance_scale=-np.inf), ValueError, "guidance_scale must be finite"),
+        (dict(progress=3), TypeError, "progress must be a callable"),
+        (dict(return_dict="yes"), TypeError, "return_dict must be True or False"),
     ]
     for bad, err, msg in cases:
         with pytest.raises(err, match=msg):
@@ -166,6 +184,108 @@ def test_bad_arguments_raise_errors_naming_them(pipes):
         pipe(["a", 3], **ok)
     with pytest.warns(UserWarning, match="guidance_scale is ignored.*schnell"):
         pipes["schnell"]("a cat", guidance_scale=7.0, output_type="latent", **ok)
+
+
+def test_a_second_guidance_neither_traces_nor_compiles_and_numpy_scalars_are_taken(pipes):
+    pipe = pipes["dev"]
+    kwargs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=8,
+                  output_type="latent", seed=5)
+    first = pipe("a cat", guidance_scale=4.0, **kwargs).images
+    traces, compiled = dict(pipe.traces), len(pipe._compiled)
+    other = pipe("a cat", guidance_scale=1.5, **kwargs).images
+    assert dict(pipe.traces) == traces and len(pipe._compiled) == compiled
+    assert np.abs(first - other).max() > 1e-3            # the guidance reaches the model
+    for g in (np.float32(4.0), np.array(4.0), np.int64(4), jnp.float32(4.0), 4):
+        np.testing.assert_array_equal(pipe("a cat", guidance_scale=g, **kwargs).images, first)
+    assert dict(pipe.traces) == traces and len(pipe._compiled) == compiled
+
+
+def test_an_exception_in_the_progress_callback_is_raised_as_it_was(pipes):
+    pipe = pipes["schnell"]
+    kwargs = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=8,
+                  output_type="latent")
+
+    class Stop(Exception):
+        pass
+    seen = []
+
+    def progress(done):
+        seen.append(done)
+        raise Stop(f"stop at {done}")
+    with pytest.raises(Stop, match="stop at 1"):
+        pipe("a cat", progress=progress, **kwargs)
+    assert seen == [1]                        # not called again once it has raised
+    done = []
+    pipe("a cat", progress=done.append, **kwargs)    # the pipeline still works
+    assert done == [1, 2]
+
+
+def test_encode_prompt_takes_a_string_or_a_list_and_checks_them(pipes):
+    pipe = pipes["dev"]
+    txt, pooled = pipe.encode_prompt("a cat", 8)
+    both, pooled2 = pipe.encode_prompt(["a cat", "a dog"], 8)
+    assert txt.shape == (1, 8, both.shape[2]) and both.shape[0] == pooled2.shape[0] == 2
+    np.testing.assert_allclose(np.asarray(both[:1]), np.asarray(txt), atol=1e-6)
+    assert pipe.encode_prompt("a cat")[0].shape[1] == 512        # dev's default
+    with pytest.raises(ValueError, match="empty list"):
+        pipe.encode_prompt([], 8)
+    with pytest.raises(ValueError, match=r"max_sequence_length must be in \[1, 512\]"):
+        pipe.encode_prompt("a cat", 0)
+
+
+def sigmas_from_the_published_formula(config: dict, steps: int, tokens: int) -> np.ndarray:
+    """diffusers' FluxPipeline + FlowMatchEulerDiscreteScheduler, written from their
+    documented formulas in float64: t_i = 1 - i/steps * (1 - 1/steps); dynamic: mu linear
+    in the token count through (base_image_seq_len, base_shift) and (max_image_seq_len,
+    max_shift), t -> e^mu / (e^mu + 1/t - 1); otherwise t -> shift t / (1 + (shift - 1) t).
+    Keys missing from the config take the scheduler's defaults."""
+    shift = config.get("shift", 1.0)
+    t = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
+    if config.get("use_dynamic_shifting", False):
+        x0, x1 = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        y0, y1 = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        mu = y0 + (tokens - x0) * (y1 - y0) / (x1 - x0)
+        t = [math.exp(mu) / (math.exp(mu) + 1.0 / s - 1.0) for s in t]
+    else:
+        t = [shift * s / (1.0 + (shift - 1.0) * s) for s in t]
+    return np.array(t + [0.0])
+
+
+MINIMAL_SCHEDULERS = {   # as the released FLUX.1 folders ship them
+    "schnell": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0},
+    "dev": {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True,
+            "shift": 3.0, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+            "max_image_seq_len": 4096},
+    "constant shift 3": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0},
+}
+
+
+@pytest.mark.parametrize("name", MINIMAL_SCHEDULERS)
+def test_sigmas_of_minimal_scheduler_configs_follow_the_published_formula(name, tmp_path):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(MINIMAL_SCHEDULERS[name]))
+    sched = SchedulerConfig.from_diffusers(str(path))
+    for steps, tokens in ((1, 4), (4, 256), (28, 1024), (50, 4096), (50, 16384)):
+        want = sigmas_from_the_published_formula(MINIMAL_SCHEDULERS[name], steps, tokens)
+        got = sched.sigmas(steps, tokens)
+        assert got.dtype == np.float32 and got.shape == (steps + 1,)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    if name == "dev":      # the shift grows with the image: 4096 tokens bend more than 256
+        assert (sched.sigmas(4, 4096)[1:-1] > sched.sigmas(4, 256)[1:-1]).all()
+
+
+@pytest.mark.parametrize("weights, folder_of", [("schnell", "dev"), ("dev", "schnell")])
+def test_a_scheduler_config_contradicting_the_weights_warns_and_is_replaced(weights,
+                                                                             folder_of):
+    with pytest.warns(UserWarning, match=f"use_dynamic_shifting={folder_of == 'dev'}.*"
+                                         f"FLUX.1-{weights}'s schedule"):
+        pipe = FluxPipeline.from_pretrained(
+            folder(folder_of), dtype=jnp.float32, attention="dense",
+            transformer=os.path.join(folder(weights), "transformer"))
+    assert pipe.is_dev == (weights == "dev")
+    assert pipe.scheduler == SchedulerConfig.for_variant(pipe.is_dev)
+    want = sigmas_from_the_published_formula(MINIMAL_SCHEDULERS[weights], 4, 1024)
+    np.testing.assert_allclose(pipe.scheduler.sigmas(4, 1024), want, rtol=2e-6)
 
 
 def test_a_converted_transformer_replaces_the_folder_one(pipes, tmp_path):
@@ -226,6 +346,55 @@ def test_generate_checks_the_output_before_loading_anything(tmp_path, capsys):
     assert code == 1 and "is not a folder we may write in" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--model", "m", "--out", str(tmp_path / "a.jpg")]) == 1
     assert "--out must end in .png" in capsys.readouterr().err
+
+
+def test_commands_check_their_arguments_before_loading_anything(tmp_path, capsys):
+    from models import cli
+    base = ["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "a.png")]
+    cases = [
+        (["--steps", "0"], "--steps must be >= 1; got 0"),
+        (["--steps", "2", "--dense-steps", "3"], r"--dense-steps must be >= 0 and <= --steps"),
+        (["--dense-steps", "-1"], "--dense-steps must be >= 0; got -1"),
+        (["--height", "40"], "--height must be a multiple of 16"),
+        (["--width", "0"], "--width must be >= 1; got 0"),
+        (["--max-sequence-length", "600"], r"--max-sequence-length must be in \[1, 512\]"),
+        (["--guidance", "nan"], "--guidance must be finite"),
+        (["--attention", "dense", "--density", "0.5"],
+         "--density 0.5 would do nothing with --attention dense"),
+        (["--attention", "dense", "--dense-layers", "2", "--density", "0.3"],
+         "--density 0.3 and --dense-layers 2 would do nothing"),
+    ]
+    import re
+    for extra, msg in cases:
+        assert cli.main(["generate", "x"] + base + extra) == 1, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search("error: " + msg, err), (extra, err)
+    assert cli.main(["compare", "x"] + base + ["--steps", "0"]) == 1
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    # Valid arguments get as far as loading, which names the missing folder.
+    assert cli.main(["generate", "x"] + base + ["--steps", "1"]) == 1
+    assert "no-model: no such folder" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_error_line(capsys):
+    import argparse
+    from jax.errors import JaxRuntimeError
+    from models.flux.generate import _guarded
+
+    def oom(args):
+        raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                              "97.5GiB.\nmore XLA detail")
+    args = argparse.Namespace(height=2048, width=2048, batch=8)
+    assert _guarded(oom)(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of device memory")
+    assert "2048x2048" in err and "batch of 8" in err and "smaller" in err
+    assert "97.5GiB" in err
+
+    def other(args):
+        raise JaxRuntimeError("INTERNAL: something else")
+    with pytest.raises(JaxRuntimeError, match="INTERNAL"):
+        _guarded(other)(args)
 
 
 def test_compare_command_writes_a_grid_and_prints_psnr_and_ssim(tmp_path, capsys):

@@ -9,6 +9,10 @@ denoising, decoding) and writes the PNG atomically, with the prompt, seed, steps
 guidance, attention settings and model in its text chunks. With `--batch N` it writes
 `out-0.png` ... `out-{N-1}.png`, image i from seed `--seed + i`.
 
+Every argument the pipeline checks (sizes, step counts, T5 tokens, guidance, attention
+options) is checked before anything is loaded. Errors, out-of-memory included, are one
+`error:` line and exit status 1.
+
 `compare` runs every prompt and seed twice with one pipeline: dense (every layer, every
 step) and PISA, and saves a grid (one row per prompt and seed; columns dense | PISA |
 4 x |PISA - dense|). It prints the PSNR and SSIM of each PISA image against its dense one
@@ -153,13 +157,43 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="parameter and compute dtype (default bf16)")
 
 
+def check_arguments(args, attention: str) -> None:
+    """Fails before any work for arguments the pipeline would refuse after loading."""
+    from models.flux.pipeline_checks import check_arguments as check
+    if attention == "dense":
+        given = [f"--{k.replace('_', '-')} {v}" for k, v in (
+            ("density", args.density), ("dense_layers", args.dense_layers)) if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} would do nothing with --attention dense "
+                             f"(every layer dense); drop {'them' if len(given) > 1 else 'it'} "
+                             f"or use --attention pisa")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {args.steps}")
+    if args.dense_steps < 0 or (args.steps is not None and args.dense_steps > args.steps):
+        bound = "" if args.steps is None else f" and <= --steps ({args.steps})"
+        raise ValueError(f"--dense-steps must be >= 0{bound}; got {args.dense_steps}")
+    try:
+        check(height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+              guidance_scale=args.guidance)
+    except (TypeError, ValueError) as e:   # the flag's name, not the keyword's
+        for key, flag in (("max_sequence_length", "--max-sequence-length"),
+                          ("guidance_scale", "--guidance"), ("height", "--height"),
+                          ("width", "--width")):
+            if str(e).startswith(key):
+                raise ValueError(flag + str(e)[len(key):]) from None
+        raise
+
+
+def _default_steps(args, pipe) -> int:
+    return args.steps if args.steps is not None else (50 if pipe.is_dev else 4)
+
+
 def _load(args, attention: str):
     import time
     from models.flux.pipeline import FluxPipeline
-    options = {}
-    if attention == "pisa":
-        options = {k: v for k, v in (("density", args.density),
-                                     ("dense_layers", args.dense_layers)) if v is not None}
+    # check_arguments refused --density / --dense-layers with dense attention.
+    options = {k: v for k, v in (("density", args.density),
+                                 ("dense_layers", args.dense_layers)) if v is not None}
     t0 = time.perf_counter()
     pipe = FluxPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
                                         attention=attention, transformer=args.transformer,
@@ -169,7 +203,7 @@ def _load(args, attention: str):
 
 def _generate(pipe, prompts, seeds, args, *, dense_steps, desc):
     from tqdm import tqdm
-    steps = args.steps or (50 if pipe.is_dev else 4)
+    steps = _default_steps(args, pipe)
     bars = []
 
     def progress(done):
@@ -182,7 +216,7 @@ def _generate(pipe, prompts, seeds, args, *, dense_steps, desc):
         images = pipe(prompts, height=args.height, width=args.width, num_inference_steps=steps,
                       guidance_scale=args.guidance, seed=seeds,
                       max_sequence_length=args.max_sequence_length,
-                      dense_steps=dense_steps, output_type="np", progress=progress)
+                      dense_steps=dense_steps, output_type="np", progress=progress).images
     finally:
         for bar in bars:
             bar.close()
@@ -201,6 +235,7 @@ def run_generate(args) -> int:
     check_output_file(args.out)
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1; got {args.batch}")
+    check_arguments(args, args.attention)
     pipe, load_s = _load(args, args.attention)
     seeds = [args.seed + i for i in range(args.batch)]
     images, steps = _generate(pipe, [args.prompt] * args.batch, seeds, args,
@@ -231,10 +266,11 @@ def run_compare(args) -> int:
     except ValueError:
         raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") \
             from None
+    check_arguments(args, "pisa")
     pipe, load_s = _load(args, "pisa")
     prompts = [p for p in args.prompts for _ in seeds]
     all_seeds = [s for _ in args.prompts for s in seeds]
-    steps = args.steps or (50 if pipe.is_dev else 4)
+    steps = _default_steps(args, pipe)
     dense, _ = _generate(pipe, prompts, all_seeds, args, dense_steps=steps, desc="dense")
     print(_timing_line(load_s, pipe.last_timings, steps))
     sparse, _ = _generate(pipe, prompts, all_seeds, args, dense_steps=args.dense_steps,
@@ -274,7 +310,27 @@ def _guarded(fn):
             except (CheckpointError, ValueError, TypeError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                batch = (args.batch if hasattr(args, "batch")     # generate; compare:
+                         else len(args.prompts) * len(args.seeds.split(",")))
+                print(f"error: out of device memory: {args.height}x{args.width} images in a "
+                      f"batch of {batch} were too large for the device memory; try a smaller "
+                      f"--height / --width or batch ({first_line(e)})", file=sys.stderr)
+                return 1
     return run
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """XLA's out-of-memory error (XlaRuntimeError / JaxRuntimeError: RESOURCE_EXHAUSTED)."""
+    return (type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError")
+            and "RESOURCE_EXHAUSTED" in str(e))
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def register(sub) -> None:

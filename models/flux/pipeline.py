@@ -7,12 +7,20 @@ Each stage is one compiled function per shape, cached on the pipeline: the text 
 the whole denoising loop (a `fori_loop` over the steps) and the VAE decoder. A second
 call at the same batch size, resolution and step count traces and compiles nothing.
 
+The call returns a `FluxPipelineOutput` whose `.images` are the images, or `(images,)`
+with `return_dict=False`, as diffusers' does, so `pipe(prompt).images[0]` works in both.
+
 Where it differs from diffusers: noise comes from `jax.random` (pass `latents` for the
-same image as torch gives); the latents stay float32 through the loop and the time is
-passed in float32 (diffusers rounds both to the model dtype); `guidance_scale` defaults
-to None (3.5 on dev, so schnell warns only when one is given); `max_sequence_length`
-defaults to 256 on schnell (as Black Forest Labs' reference); a size that is not a
-multiple of 16 is an error, not resized.
+same image as torch gives); the latents stay float32 through the loop and the time and
+the guidance are passed in float32 (diffusers rounds them to the model dtype);
+`num_inference_steps` defaults to 50 on dev, the published PISA setting (diffusers: 28);
+`guidance_scale` defaults to None (3.5 on dev, so schnell warns only when one is given);
+`max_sequence_length` defaults to 256 on schnell (as Black Forest Labs' reference); a
+size that is not a multiple of 16 is an error, not resized; there is no
+`num_images_per_prompt` (repeat the prompt), `generator` (give `seed` or `latents`),
+`prompt_embeds` / `pooled_prompt_embeds`, `prompt_2` or true CFG (`negative_prompt`).
+A scheduler config that contradicts the weights (dynamic shifting on schnell, none on
+dev) is replaced by the variant's own schedule, with a warning.
 
 The batch is split over the pipeline's devices with `shard_map` (weights replicated,
 each device running the whole loop on its share); a batch that does not divide is padded
@@ -23,6 +31,7 @@ the components is `models.flux.pipeline_loading`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 import warnings
 from typing import Callable, Sequence
@@ -35,14 +44,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # COMPONENTS and component_paths stay importable from here, where they used to live.
 from models.flux.pipeline_loading import (COMPONENTS, SchedulerConfig,  # noqa: F401
-                                          component_paths, load_components)
+                                          component_paths, load_components,
+                                          scheduler_for_variant)
+from models.flux.pipeline_checks import (MAX_SEQUENCE_LENGTH, _check_int,  # noqa: F401
+                                         _check_prompt, _check_seed, _real, check_arguments)
 from models.flux.sampling import euler_loop, image_ids, unpack_latents
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-MAX_SEQUENCE_LENGTH = 512             # what FLUX.1's T5 was trained with
 
 
 # ------------------------------------------------------------------------ pipeline
+
+@dataclasses.dataclass(frozen=True)
+class FluxPipelineOutput:
+    """What `FluxPipeline.__call__` returns (as diffusers' `FluxPipelineOutput`): `images`
+    is a list of PIL images, a float32 `[B, H, W, 3]` array or the packed latents,
+    following `output_type`."""
+    images: list | np.ndarray
+
 
 def to_pil(images: np.ndarray) -> list:
     """float `[B, H, W, 3]` in [0, 1] -> PIL images (rounded as diffusers does)."""
@@ -58,7 +77,9 @@ class FluxPipeline:
       text_encoder, text_encoder_2: the CLIP and T5 text encoders.
       vae: a `models.flux.autoencoder.AutoEncoder`.
       tokenizer, tokenizer_2: CLIP and T5 tokenizers (`tok(prompts, max_length) -> ids`).
-      scheduler: a `SchedulerConfig` (default: the variant's).
+      scheduler: a `SchedulerConfig` (default: the variant's). One whose dynamic shifting
+        contradicts the variant (dev shifts with the resolution, schnell does not) is
+        replaced by the variant's, with a warning.
       devices: the devices the batch is split over (default: every local device).
     """
 
@@ -67,7 +88,7 @@ class FluxPipeline:
                  devices: Sequence[jax.Device] | None = None):
         self.config = transformer.config
         self.is_dev = bool(self.config.guidance_embed)
-        self.scheduler = scheduler or SchedulerConfig.for_variant(self.is_dev)
+        self.scheduler = scheduler_for_variant(scheduler, self.is_dev)
         self.has_pisa = bool(transformer.block_size)
         self.vae_factor = vae.config.downsample_factor
         if self.config.in_channels != 4 * vae.config.latent_channels:
@@ -88,6 +109,7 @@ class FluxPipeline:
         self.load_seconds = 0.0
         self._compiled: dict[tuple, object] = {}
         self._progress: Callable | None = None
+        self._progress_error: Exception | None = None
         self._done = 0
         # Built once per pipeline; `_run` lowers and compiles each once per shape.
         self._jits = {"encode": jax.jit(self._encode),
@@ -183,9 +205,15 @@ class FluxPipeline:
 
     def _on_step(self, i):
         # Called from the compiled loop (once per device): report each step once.
-        if self._progress is not None and int(i) + 1 > self._done:
-            self._done = int(i) + 1
+        if self._progress is None or int(i) + 1 <= self._done:
+            return
+        self._done = int(i) + 1
+        try:
             self._progress(self._done)
+        except Exception as e:
+            # Raised after the loop: from a host callback it would come out of the compiled
+            # loop as a JaxRuntimeError. The callback is not called again.
+            self._progress_error, self._progress = e, None
 
     def _run(self, name: str, *args, **static):
         """Runs stage `name`, lowering and compiling it on the first call per shape."""
@@ -200,8 +228,27 @@ class FluxPipeline:
         return jax.block_until_ready(self._compiled[key](*args))
 
     # ------------------------------------------------------------------ call
-    def encode_prompt(self, prompts: list[str], max_sequence_length: int):
-        """(T5 states `[B, max_sequence_length, D_t5]`, CLIP pooled `[B, D_clip]`)."""
+    def encode_prompt(self, prompt: str | Sequence[str], max_sequence_length: int | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+        """(T5 states `[B, max_sequence_length, D_t5]`, CLIP pooled `[B, D_clip]`), in the
+        model dtype, for a prompt or a non-empty list of B prompts. `max_sequence_length` is
+        as in `__call__`. A batch that does not divide over the devices is padded with its
+        last prompt, dropped again from the result. Raises ValueError / TypeError naming a
+        bad argument."""
+        prompts = _check_prompt(prompt)
+        max_len = self._max_len(max_sequence_length)
+        _check_int("max_sequence_length", max_len, 1, MAX_SEQUENCE_LENGTH)
+        b, pad = len(prompts), -len(prompts) % len(self.devices)
+        txt, y = self._encode_padded(prompts + prompts[-1:] * pad, max_len)
+        return (txt[:b], y[:b]) if pad else (txt, y)
+
+    def _max_len(self, max_sequence_length: int | None):
+        if max_sequence_length is not None:
+            return max_sequence_length
+        return 512 if self.is_dev else 256
+
+    def _encode_padded(self, prompts: list[str], max_sequence_length: int):
+        # `prompts` divides over the devices.
         shard = NamedSharding(self.mesh, P("batch"))
         clip_ids = jax.device_put(np.asarray(self.tokenizer(prompts), np.int32), shard)
         t5_ids = jax.device_put(np.asarray(self.tokenizer_2(
@@ -212,15 +259,19 @@ class FluxPipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | Sequence[int] = 0, latents=None,
                  max_sequence_length: int | None = None, dense_steps: int = 0,
-                 output_type: str = "pil", progress: Callable[[int], None] | None = None):
-        """Generates one image per prompt.
+                 output_type: str = "pil", return_dict: bool = True,
+                 progress: Callable[[int], None] | None = None
+                 ) -> FluxPipelineOutput | tuple:
+        """Generates one image per prompt: `FluxPipelineOutput(images=...)`, or `(images,)`
+        with `return_dict=False`.
 
         Args:
           prompt: a string or a non-empty list of strings (the batch).
           height, width: image size in pixels, multiples of 16.
           num_inference_steps: Euler steps (default 50 for dev, 4 for schnell).
-          guidance_scale: dev's distilled guidance (default 3.5); schnell has none and
-            warns when one is given.
+          guidance_scale: dev's distilled guidance (default 3.5), any finite real number
+            (Python, NumPy scalar or 0-d array); schnell has none and warns when one is
+            given. It is an input of the compiled loop: changing it compiles nothing.
           seed: an int (image i draws its noise from `jax.random.key(seed + i)`) or one
             int per image. jax.random's noise differs from torch's generators; pass
             `latents` to reproduce another implementation's image exactly.
@@ -231,27 +282,29 @@ class FluxPipeline:
             published setting); `num_inference_steps` makes the whole run dense.
           output_type: "pil" (list of PIL images), "np" (float32 `[B, H, W, 3]` in
             [0, 1]) or "latent" (the final packed latents, float32).
-          progress: called with the number of steps done, from the compiled loop.
+          return_dict: False returns the tuple `(images,)`.
+          progress: called with the number of steps done, from the compiled loop; an
+            exception it raises stops nothing inside the loop and is raised after it.
         Raises ValueError / TypeError naming the argument for anything else.
         """
         prompts = _check_prompt(prompt)
         steps = num_inference_steps if num_inference_steps is not None else (
             50 if self.is_dev else 4)
-        max_len = max_sequence_length if max_sequence_length is not None else (
-            512 if self.is_dev else 256)
-        _check_int("height", height, 1, multiple=2 * self.vae_factor)
-        _check_int("width", width, 1, multiple=2 * self.vae_factor)
-        _check_int("num_inference_steps", steps, 1)
-        _check_int("max_sequence_length", max_len, 1, MAX_SEQUENCE_LENGTH)
-        _check_int("dense_steps", dense_steps, 0, steps)
+        max_len = self._max_len(max_sequence_length)
+        check_arguments(height=height, width=width, num_inference_steps=steps,
+                        dense_steps=dense_steps, max_sequence_length=max_len,
+                        guidance_scale=guidance_scale, multiple=2 * self.vae_factor)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        if not isinstance(return_dict, bool):
+            raise TypeError(f"return_dict must be True or False; got {return_dict!r}")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable (given the number of steps done) "
+                            f"or None; got {progress!r}")
         if not self.is_dev and guidance_scale is not None:
             warnings.warn("guidance_scale is ignored: FLUX.1-schnell has no guidance "
                           f"embedding (got {guidance_scale})", stacklevel=2)
-        guidance = 3.5 if guidance_scale is None else guidance_scale
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-            raise TypeError(f"guidance_scale must be a number; got {guidance!r}")
+        guidance = 3.5 if guidance_scale is None else _real(guidance_scale)
         grid = (height // (2 * self.vae_factor), width // (2 * self.vae_factor))
         b, tokens = len(prompts), grid[0] * grid[1]
         shape = (b, tokens, self.config.in_channels)
@@ -273,7 +326,7 @@ class FluxPipeline:
         self.last_timings = {"compile": 0.0}
 
         clock = _StageClock(self.last_timings)
-        txt, y = self.encode_prompt(prompts, max_len)
+        txt, y = self._encode_padded(prompts, max_len)
         clock.lap("text_encoding")
         if latents is None:
             seeds = np.concatenate([seeds, seeds[-1:].repeat(pad)])
@@ -283,18 +336,22 @@ class FluxPipeline:
         img = jax.device_put(img, shard)
         guidance_arr = jax.device_put(np.full((b + pad,), guidance, np.float32), shard)
         sigmas = jnp.asarray(self.scheduler.sigmas(steps, tokens))
-        self._progress, self._done = progress, 0
+        self._progress, self._done, self._progress_error = progress, 0, None
         try:
             out = self._run("denoise", self._states["transformer"], img, txt, y, guidance_arr,
                             sigmas, grid=grid, dense_steps=dense_steps)
         finally:
             self._progress = None
+        if self._progress_error is not None:
+            error, self._progress_error = self._progress_error, None
+            raise error
         clock.lap("denoising")
         if output_type != "latent":
             out = self._run("decode", self._states["vae"], out, grid=grid)
         out = np.asarray(out)[:b]
         clock.lap("decoding")
-        return to_pil(out) if output_type == "pil" else out
+        images = to_pil(out) if output_type == "pil" else out
+        return FluxPipelineOutput(images=images) if return_dict else (images,)
 
 
 class _StageClock:
@@ -307,46 +364,3 @@ class _StageClock:
         now, compiled = time.perf_counter(), self.timings["compile"]
         self.timings[stage] = now - self.t - (compiled - self.compiled)
         self.t, self.compiled = now, compiled
-
-
-# ----------------------------------------------------------------------- checks
-
-def _check_prompt(prompt) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompt must be a string or a list of strings; got "
-                        f"{type(prompt).__name__}")
-    if not prompts:
-        raise ValueError("prompt must be a string or a non-empty list of strings; got an "
-                         "empty list")
-    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompt must hold strings only; got {bad}")
-    return list(prompts)
-
-
-def _check_int(name: str, value, lo: int, hi: int | None = None, multiple: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer; got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {want}; got {value}")
-    if value % multiple:
-        raise ValueError(f"{name} must be a multiple of {multiple} (the VAE's downsampling, "
-                         f"then 2x2 patches); got {value}")
-
-
-def _check_seed(seed, b: int) -> np.ndarray:
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        seeds = np.arange(b, dtype=np.int64) + int(seed)
-    elif isinstance(seed, (list, tuple)) and all(
-            isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed):
-        if len(seed) != b:
-            raise ValueError(f"seed must be an int or one int per prompt ({b}); got "
-                             f"{len(seed)} seeds")
-        seeds = np.asarray(seed, np.int64)
-    else:
-        raise TypeError(f"seed must be an int or a list of ints; got {seed!r}")
-    if (seeds < 0).any() or (seeds >= 2**32).any():
-        raise ValueError(f"seed must be in [0, 2**32); got {seed}")
-    return seeds.astype(np.uint32)

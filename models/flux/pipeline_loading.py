@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +59,25 @@ class SchedulerConfig:
                         base_shift=self.base_shift, max_shift=self.max_shift,
                         base_tokens=self.base_tokens, max_tokens=self.max_tokens,
                         constant_shift=self.shift)
+
+
+def scheduler_for_variant(scheduler: SchedulerConfig | None, is_dev: bool) -> SchedulerConfig:
+    """`scheduler`, or the variant's (dev: `is_dev`) when none is given or when its dynamic
+    shifting contradicts the variant's, with a warning saying which and why."""
+    own = SchedulerConfig.for_variant(is_dev)
+    if scheduler is None:
+        return own
+    if scheduler.dynamic_shift != is_dev:
+        variant, other = ("dev", "schnell") if is_dev else ("schnell", "dev")
+        warnings.warn(
+            f"the scheduler config has use_dynamic_shifting={scheduler.dynamic_shift}, "
+            f"which is FLUX.1-{other}'s schedule, but the transformer's weights are "
+            f"FLUX.1-{variant}'s ({'with' if is_dev else 'without'} a guidance embedding): "
+            f"using FLUX.1-{variant}'s schedule ("
+            + ("shift growing with the image size" if is_dev else "no shift") + ")",
+            stacklevel=3)
+        return own
+    return scheduler
 
 
 # ------------------------------------------------------------------------- loading
