@@ -81,8 +81,12 @@ def test_statistics_match_their_definitions(options, dtype, bound):
             "v_sum": np.stack([vh[:, a:e].sum(1) for a, e in spans], 1)[None],
             "moment": sum(np.einsum("htd,hte->hde", kh[:, a:e] - km[:, j, None], vh[:, a:e])
                           for j, (a, e) in enumerate(spans))[None]}
+    # Means and sums accumulate in float32. The moment's product takes its operands in the
+    # input dtype (the centred keys are rounded to it), so half inputs carry that rounding.
+    half = jnp.dtype(dtype).itemsize < 4
     for name, value in want.items():
-        assert relative_error(getattr(st, name), value) < 1e-5, name   # float32 sums
+        tol = bound if (name == "moment" and half) else 1e-5
+        assert relative_error(getattr(st, name), value) < tol, name
 
 
 @pytest.mark.parametrize("options,dtype,bound", BACKENDS)
