@@ -64,14 +64,15 @@ def same_layout(flax_path: str, ndim: int) -> tuple[str, None]:
 
 
 def plan_stream(files, expected: dict[str, jax.ShapeDtypeStruct], recipe: Recipe, *,
-                dtype, model: str, source_name: Callable = torch_layout) -> TensorStream:
+                dtype=None, model: str, source_name: Callable = torch_layout) -> TensorStream:
     """A `(Flax path, array)` stream that converts the tensors of `files` (`TensorFiles` or
     `TensorDict`) for a model whose parameters are `expected` (`flat_params`).
 
     `source_name(flax_path, ndim)` gives each parameter's checkpoint name and the axes its
     tensor is transposed with (None: as is); `recipe` gives the source tensors that name
     is made of and how to combine them (several are stacked along their first axis, e.g.
-    q, k, v into one qkv). Arrays are cast to `dtype`.
+    q, k, v into one qkv). Arrays are cast to `dtype`, or with `dtype=None` each to its
+    parameter's own dtype (a model that keeps some parameters in float32).
 
     Raises `CheckpointError` before anything is read when names or shapes do not match:
     the missing and unexpected tensors (`model` names the model in the message), or the
@@ -85,8 +86,9 @@ def plan_stream(files, expected: dict[str, jax.ShapeDtypeStruct], recipe: Recipe
             if name not in recipe:
                 missing.append(name)
                 continue
-            plan[flax_path] = (name, recipe[name], axes, tuple(value.shape))
-        needed = {n for _, (names, _), _, _ in plan.values() for n in names}
+            plan[flax_path] = (name, recipe[name], axes, tuple(value.shape),
+                               value.dtype if dtype is None else dtype)
+        needed = {n for _, (names, _), _, _, _ in plan.values() for n in names}
         absent, unexpected = sorted(needed - files.names()), sorted(files.names() - needed)
         if missing or absent or unexpected:
             raise CheckpointError(
@@ -94,7 +96,7 @@ def plan_stream(files, expected: dict[str, jax.ShapeDtypeStruct], recipe: Recipe
                 + "; ".join(f"{what}: {_listing(names)}"
                             for what, names in (("missing", sorted(missing) + absent),
                                                 ("unexpected", unexpected)) if names))
-        for name, (names, _), axes, shape in plan.values():
+        for name, (names, _), axes, shape, _ in plan.values():
             got = [files.shape(n) for n in names]
             stacked = got[0] if len(got) == 1 else (sum(s[0] for s in got),) + got[0][1:]
             want = shape if axes is None else tuple(shape[axes.index(i)] for i in range(len(axes)))
@@ -108,9 +110,9 @@ def plan_stream(files, expected: dict[str, jax.ShapeDtypeStruct], recipe: Recipe
         raise
 
     def stream():
-        for flax_path, (_, (names, combine), axes, _) in plan.items():
+        for flax_path, (_, (names, combine), axes, _, to) in plan.items():
             x = combine(*(files.get(n) for n in names))
-            yield flax_path, (x if axes is None else jnp.transpose(x, axes)).astype(dtype)
+            yield flax_path, (x if axes is None else jnp.transpose(x, axes)).astype(to)
 
     return TensorStream(files, stream())
 

@@ -10,12 +10,13 @@ import pytest
 from flax import nnx
 
 import pisa_jax.nn as pnn
-from models.wan import Wan, WanConfig, default_policies, denoise, schedule
+from models.wan import Wan, WanConfig, default_policies, denoise, pad_text, schedule
 from models.wan.config import WAN_T2V_1_3B, WAN_T2V_14B
 from pisa_jax import layer_policies
 from tests.helpers import relative_error
 
-TINY = WanConfig(dim=32, num_heads=2, num_layers=3, ffn_dim=64, text_dim=24, freq_dim=32)
+TINY = WanConfig(dim=32, num_heads=2, num_layers=3, ffn_dim=64, text_dim=24, freq_dim=32,
+                 text_len=16)
 TILE16 = (2, 2, 4)          # one 16-token block
 
 
@@ -172,11 +173,68 @@ def test_sampling_compiles_one_step_per_mode_and_guides(monkeypatch):
     monkeypatch.setattr(Wan, "__call__", real_call)
     one = denoise(model, x, ctx, sig[:2], negative_context=neg, guidance_scale=4.0)
     t = np.full((1,), 1000 * sig[0], np.float32)
-    v_c, v_u = model(x, t, ctx), model(x, t, neg)
+    v_c, v_u = model(x, t, pad_text(ctx, 16)), model(x, t, pad_text(neg, 16))
     expected = x + (sig[1] - sig[0]) * (v_u + 4.0 * (v_c - v_u))
     assert relative_error(one, expected) < 1e-5
-    with pytest.raises(ValueError, match="negative_context must have the shape of context"):
-        denoise(model, x, ctx, sig, negative_context=neg[:, :3])
+
+
+def test_denoise_pads_the_text_to_text_len_like_the_official_model():
+    model = _model((pnn.DENSE,) * 3)
+    io = _inputs(seed=5, b=1, f=2, h=4, w=4)
+    x, ctx = io["hidden_states"], io["encoder_hidden_states"]            # 5 of 16 tokens
+    by_hand = np.concatenate([ctx, np.zeros((1, 11, 24), np.float32)], axis=1)
+    np.testing.assert_array_equal(pad_text(ctx, 16), by_hand)
+    t = np.full((1,), 900.0, np.float32)
+    # The padding is attended to: without it the model's output is another one.
+    assert relative_error(model(x, t, ctx), model(x, t, by_hand)) > 1e-2
+    sig = schedule(2, shift=3.0)
+    neg = np.random.default_rng(2).standard_normal((1, 3, 24)).astype(np.float32)
+    neg_by_hand = np.concatenate([neg, np.zeros((1, 13, 24), np.float32)], axis=1)
+    for kw, kw_by_hand in (({}, {}), ({"negative_context": neg},
+                                      {"negative_context": neg_by_hand})):
+        short = denoise(model, x, ctx, sig, **kw)
+        padded = denoise(model, x, by_hand, sig, **kw_by_hand)
+        assert relative_error(short, padded) < 1e-6
+    long = np.ones((1, 17, 24), np.float32)
+    with pytest.raises(ValueError, match=r"context has 17 tokens; the model takes at most "
+                                         r"text_len = 16"):
+        denoise(model, x, long, sig)
+    with pytest.raises(ValueError, match=r"negative_context has 17 tokens"):
+        denoise(model, x, ctx, sig, negative_context=long)
+    with pytest.raises(ValueError, match=r"context must have shape \[B, L, D\]; got \[5, 24\]"):
+        pad_text(ctx[0], 16)
+    with pytest.raises(ValueError, match="text_len"):
+        WanConfig(text_len=0)
+
+
+def test_denoise_refuses_text_batches_other_than_the_noise_batch():
+    model = _model((pnn.DENSE,) * 3)
+    io = _inputs(seed=6, b=1, f=2, h=4, w=4)
+    x, ctx = io["hidden_states"], io["encoder_hidden_states"]
+    two = np.concatenate([ctx, ctx])            # a CFG batch given as context: not guessed
+    sig = schedule(1)
+    with pytest.raises(ValueError, match=r"context must have shape \[1, L, text_dim\] \(one "
+                                         r"entry per noise batch entry\); got \[2, 5, 24\]"):
+        denoise(model, x, two, sig)
+    with pytest.raises(ValueError, match=r"negative_context must have shape \[1, L, text_dim\]"):
+        denoise(model, x, ctx, sig, negative_context=two)
+
+
+def test_float16_is_refused_and_precise_parameters_stay_float32():
+    with pytest.raises(ValueError, match="dtype must be bfloat16 or float32 .*got float16"):
+        Wan(TINY, rngs=nnx.Rngs(0), dtype=jnp.float16, policies=(pnn.DENSE,) * 3)
+    model = Wan(TINY, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, policies=(pnn.DENSE,) * 3)
+    block = model.blocks[1]
+    precise = [block.modulation, model.head.modulation, block.norm3.weight, block.norm3.bias,
+               block.self_attn.norm_q.weight, block.cross_attn.norm_k.weight,
+               model.time_embedding["0"].kernel, model.time_embedding["2"].bias,
+               model.time_projection["1"].kernel]
+    assert all(p.dtype == jnp.float32 for p in precise)
+    low = [block.self_attn.q.kernel, block.ffn["0"].kernel, model.text_embedding["0"].kernel,
+           model.head.head.kernel, model.patch_embedding.kernel]
+    assert all(p.dtype == jnp.bfloat16 for p in low)
+    out = model(**_inputs(b=1, f=1, h=4, w=4))
+    assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
 
 
 def test_benchmark_runs_at_toy_sizes(tmp_path, capsys):

@@ -4,11 +4,12 @@ weight conversion and flow-matching sampling."""
 import jax.numpy as jnp
 
 from models.wan.config import DEFAULT_TILE, WAN_T2V_1_3B, WAN_T2V_14B, WanConfig
-from models.wan.model import Wan, default_policies
+from models.wan.model import Wan, check_dtype, default_policies, pad_text
 from models.wan.sampling import FLOW_SHIFT, denoise, euler_step, schedule
 
 __all__ = ["DEFAULT_TILE", "FLOW_SHIFT", "WAN_T2V_14B", "WAN_T2V_1_3B", "Wan", "WanConfig",
-           "default_policies", "denoise", "euler_step", "load_wan", "schedule"]
+           "check_dtype", "default_policies", "denoise", "euler_step", "load_wan", "pad_text",
+           "schedule"]
 
 
 def load_wan(path, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None, tile=None,

@@ -18,6 +18,9 @@ class WanConfig:
       dim, num_heads, num_layers, ffn_dim: width, heads, blocks, feed-forward width.
       in_channels, out_channels: latent channels (16 for text-to-video).
       text_dim: width of the text encoder's states (umT5-XXL: 4096).
+      text_len: text tokens the model was trained with (512): the official model zero-pads
+        every prompt's states to this length, and cross-attention attends over all of them,
+        padding included (`models.wan.pad_text`; `denoise` pads).
       freq_dim: width of the sinusoidal timestep embedding.
       patch_size: (frames, height, width) of one patch.
       eps: epsilon of every norm.
@@ -35,6 +38,7 @@ class WanConfig:
     in_channels: int = 16
     out_channels: int = 16
     text_dim: int = 4096
+    text_len: int = 512
     freq_dim: int = 256
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
@@ -46,7 +50,7 @@ class WanConfig:
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         positive = ("dim", "num_heads", "num_layers", "ffn_dim", "in_channels",
-                    "out_channels", "text_dim", "freq_dim")
+                    "out_channels", "text_dim", "text_len", "freq_dim")
         bad = {n: getattr(self, n) for n in positive
                if not isinstance(getattr(self, n), int) or getattr(self, n) < 1}
         if bad:

@@ -37,7 +37,7 @@ from models.conversion import (Recipe, add_conversion_arguments, locate_checkpoi
                                plan_stream, run_conversion, same_layout, torch_layout,
                                write_converted)
 from models.wan.config import WanConfig
-from models.wan.model import Wan, default_policies
+from models.wan.model import Wan, check_dtype, default_policies
 
 PREFIX = "model.diffusion_model."
 FORMAT = "pisa-jax-wan"
@@ -127,7 +127,8 @@ def config_from_official(files, meta: dict | None, num_heads: int | None) -> Wan
         out_channels=files.shape("head.head.weight")[0] // (patch[0] * patch[1] * patch[2]),
         text_dim=files.shape("text_embedding.0.weight")[1],
         freq_dim=files.shape("time_embedding.0.weight")[1], patch_size=tuple(patch),
-        eps=(meta or {}).get("eps", 1e-6), qk_norm="blocks.0.self_attn.norm_q.weight" in names,
+        eps=(meta or {}).get("eps", 1e-6), text_len=(meta or {}).get("text_len", 512),
+        qk_norm="blocks.0.self_attn.norm_q.weight" in names,
         cross_attn_norm="blocks.0.norm3.weight" in names)
 
 
@@ -141,7 +142,9 @@ def _plan(files, recipe, cfg: WanConfig, dtype, source_name=torch_layout):
     except BaseException:
         files.close()
         raise
-    return plan_stream(files, flat_params(abstract), recipe, dtype=dtype, model="Wan",
+    # Each tensor in its parameter's dtype: the modulation, norms and time embedding stay
+    # float32 in a bfloat16 model.
+    return plan_stream(files, flat_params(abstract), recipe, dtype=None, model="Wan",
                        source_name=source_name)
 
 
@@ -153,6 +156,7 @@ def _recipe(files, rename=lambda n: n) -> Recipe:
 def iter_converted(src: str, *, dtype=jnp.bfloat16, num_heads: int | None = None
                    ) -> tuple[WanConfig, Iterator[tuple[str, jax.Array]]]:
     """The config and a stream of (Flax path, array) for any supported SRC."""
+    check_dtype(dtype)
     kind, path = _source_kind(src)
     if kind == "converted":
         meta = read_json(os.path.join(path, "config.json"))
@@ -211,9 +215,12 @@ def convert(src: str, out: str, *, dtype=jnp.bfloat16, num_heads: int | None = N
             progress=print) -> str:
     """Converts SRC into the folder OUT (must not exist); returns OUT.
 
-    Raises `CheckpointError` naming the file for an unreadable or mismatched source, or an
-    output that exists or cannot be written (checked before any work).
+    `dtype` is that of the projections; the parameters `Wan` keeps in float32 are written
+    in float32. Raises `CheckpointError` naming the file for an unreadable or mismatched
+    source, or an output that exists or cannot be written (checked before any work), and
+    ValueError for a `dtype` the model does not run in (`check_dtype`: float16).
     """
+    check_dtype(dtype)
     return write_converted(out, lambda: iter_converted(src, dtype=dtype, num_heads=num_heads),
                            format=FORMAT, dtype=dtype, progress=progress)
 
@@ -225,13 +232,15 @@ def load_wan(path: str, *, dtype=jnp.bfloat16, attention: str = "pisa", policies
     Args:
       path: converted folder, official Wan2.1 folder or single file, diffusers
         transformer or pipeline folder.
-      dtype: parameter and compute dtype (default bfloat16).
+      dtype: dtype of the projections (bfloat16, the default, or float32; float16 is
+        refused); modulation, norms and the time embedding stay float32.
       attention: "pisa" (the published per-layer setting) or "dense".
       policies: explicit per-layer `AttentionPolicy` tuple (overrides `attention`).
       tile: (frames, height, width) of one block's tile (default: the measured best).
       num_heads: head count of an official single file (default dim / 128).
       policy_options: passed to `pisa_jax.layer_policies` (density, dense_layers, ...).
-    Raises `CheckpointError` for a checkpoint that does not match the model.
+    Raises `CheckpointError` for a checkpoint that does not match the model, ValueError
+    for a float16 `dtype` (activations can pass its range).
     """
     cfg, tensors = iter_converted(path, dtype=dtype, num_heads=num_heads)
     policies = policies or default_policies(cfg, attention, **policy_options)

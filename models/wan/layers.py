@@ -3,7 +3,10 @@
 Parameter paths mirror the official Wan2.1 checkpoint one to one (`blocks.0.self_attn.q`,
 `blocks.0.norm3`, `ffn.0`, `modulation`, `head.head`), so weight conversion is a rename
 and a transpose. The residual stream and every norm and modulation run in float32, as in
-the official code; projections run in the parameters' dtype.
+the official code; projections run in the parameters' dtype. The small parameters the
+output is sensitive to (modulation tables, affine norm weights, and in `Wan` the time
+embedding) are float32 whatever the model's dtype, as diffusers and the official code keep
+them (`PRECISE`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pisa_jax.nn import Attention, AttentionPolicy
+
+# dtype of the precision-critical parameters, whatever the model's dtype.
+PRECISE = jnp.float32
 
 
 def _linear(cin, cout, rngs, dtype):
@@ -73,23 +79,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class RMSNorm(nnx.Module):
     """RMS norm over the last axis in float32, then a learned scale (`weight`)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype):
+    def __init__(self, dim: int, eps: float):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), PRECISE))
 
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return (xf * self.weight[...]).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
     """Affine LayerNorm in float32 (the norm before the cross-attention)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype):
+    def __init__(self, dim: int, eps: float):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), PRECISE))
+        self.bias = nnx.Param(jnp.zeros((dim,), PRECISE))
 
     def __call__(self, x):
         return layer_norm(x, self.eps, self.weight[...], self.bias[...])
@@ -124,8 +130,8 @@ class WanSelfAttention(nnx.Module):
                  policy: AttentionPolicy, *, rngs, dtype):
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (_linear(dim, dim, rngs, dtype) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps, dtype=dtype) if qk_norm else None
-        self.norm_k = RMSNorm(dim, eps, dtype=dtype) if qk_norm else None
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else None
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else None
         self.attn = Attention(policy)
 
     def __call__(self, x, context=None, rope=None, *, dense: bool = False):
@@ -153,15 +159,15 @@ class WanAttentionBlock(nnx.Module):
                                           rngs=rngs, dtype=dtype)
         self.cross_attn = WanSelfAttention(dim, num_heads, eps, qk_norm,
                                            AttentionPolicy(kind="dense"), rngs=rngs, dtype=dtype)
-        self.norm3 = LayerNorm(dim, eps, dtype=dtype) if cross_attn_norm else None
+        self.norm3 = LayerNorm(dim, eps) if cross_attn_norm else None
         self.ffn = nnx.Dict({"0": _linear(dim, ffn_dim, rngs, dtype),
                              "2": _linear(ffn_dim, dim, rngs, dtype)})
         self.modulation = nnx.Param(
-            jax.random.normal(rngs.params(), (1, 6, dim), dtype) / math.sqrt(dim))
+            jax.random.normal(rngs.params(), (1, 6, dim), PRECISE) / math.sqrt(dim))
 
     def __call__(self, x, e, context, rope, *, dense: bool = False):
         """x `[B, L, dim]` float32, e `[B, 6, dim]` float32 -> `[B, L, dim]` float32."""
-        e = self.modulation[...].astype(jnp.float32) + e
+        e = self.modulation[...] + e
         shift1, scale1, gate1, shift2, scale2, gate2 = (e[:, i:i + 1] for i in range(6))
         dtype = self.ffn["0"].kernel.dtype
         y = layer_norm(x, self.eps) * (1 + scale1) + shift1
@@ -179,11 +185,11 @@ class Head(nnx.Module):
         self.eps = eps
         self.head = _linear(dim, out_dim, rngs, dtype)
         self.modulation = nnx.Param(
-            jax.random.normal(rngs.params(), (1, 2, dim), dtype) / math.sqrt(dim))
+            jax.random.normal(rngs.params(), (1, 2, dim), PRECISE) / math.sqrt(dim))
 
     def __call__(self, x, e):
         """x `[B, L, dim]` float32, e `[B, dim]` float32 (the time embedding)."""
-        e = self.modulation[...].astype(jnp.float32) + e[:, None]
+        e = self.modulation[...] + e[:, None]
         shift, scale = e[:, :1], e[:, 1:]
         y = layer_norm(x, self.eps) * (1 + scale) + shift
         return self.head(y.astype(self.head.kernel.dtype))

@@ -12,8 +12,8 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from models.wan.config import DEFAULT_TILE, WanConfig
-from models.wan.layers import (Head, PatchEmbedding, WanAttentionBlock, _gelu, _linear,
-                               rope_angles, timestep_embedding)
+from models.wan.layers import (PRECISE, Head, PatchEmbedding, WanAttentionBlock, _gelu,
+                               _linear, rope_angles, timestep_embedding)
 from pisa_jax.nn import DENSE, AttentionPolicy, layer_policies
 from pisa_jax.tokens import check_tile, tile_order
 
@@ -39,9 +39,35 @@ def default_policies(config: WanConfig, attention: str = "pisa", **options) -> t
     return layer_policies(n, **({"dense_layers": min(4, n)} | options))
 
 
-def _f32_linear(lin: nnx.Linear, x: jax.Array) -> jax.Array:
-    """A linear layer in float32 whatever its parameters' dtype (the time embedding path)."""
-    return x @ lin.kernel[...].astype(jnp.float32) + lin.bias[...].astype(jnp.float32)
+def check_dtype(dtype) -> jnp.dtype:
+    """`dtype` as a NumPy dtype if the model can run in it (bfloat16 or float32).
+
+    Raises ValueError otherwise: float16 in particular, whose range (65504) the residual
+    stream and feed-forward activations can pass, where bfloat16 has float32's range.
+    """
+    d = jnp.dtype(dtype)
+    if d not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"dtype must be bfloat16 or float32 (float16 activations can pass "
+                         f"its range of 65504; bfloat16 has float32's); got {d.name}")
+    return d
+
+
+def pad_text(context: Float[Array, "b l d"], text_len: int, *, name: str = "context"
+             ) -> Float[Array, "b text_len d"]:
+    """Text encoder states `[B, L, D]` zero-padded at the end to `[B, text_len, D]`, as the
+    official Wan2.1 model pads each prompt's (unpadded) umT5 states before its text
+    embedding; the cross-attention then attends over every position, padding included.
+
+    Raises ValueError (naming the argument `name`) for a context that is not 3D or has
+    more than `text_len` tokens.
+    """
+    if context.ndim != 3:
+        raise ValueError(f"{name} must have shape [B, L, D]; got {list(context.shape)}")
+    length = context.shape[1]
+    if length > text_len:
+        raise ValueError(f"{name} has {length} tokens; the model takes at most text_len = "
+                         f"{text_len} (truncate the prompt's states)")
+    return jnp.pad(jnp.asarray(context), ((0, 0), (0, text_len - length), (0, 0)))
 
 
 class Wan(nnx.Module):
@@ -53,11 +79,21 @@ class Wan(nnx.Module):
     tokens a `tile` (frames, height, width) of the latent grid with the full tiles first
     (`pisa_jax.tokens.tile_order`), the rotary table with them, and back in raster order
     at the output; the transformer is equivariant to that permutation.
+
+    `dtype` (bfloat16 or float32; float16 is refused, see `check_dtype`) is the dtype of
+    the projections; the modulation tables, affine norm weights and the time embedding
+    stay float32 (`layers.PRECISE`), as in diffusers and the official code.
+
+    Text: the official model zero-pads each prompt's states to `config.text_len` (512)
+    tokens and attends over all of them. This call, like diffusers' transformer, attends
+    over the `L` tokens it is given; pad them with `pad_text` (as `denoise` does) to get
+    the official model's output.
     """
 
     def __init__(self, config: WanConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
                  policies: Sequence[AttentionPolicy] | None = None,
                  tile: Sequence[int] | None = None):
+        dtype = check_dtype(dtype)
         if config.image_dim is not None:
             raise NotImplementedError("image-to-video (config.image_dim set) is not "
                                       "implemented yet; only text-to-video")
@@ -77,8 +113,9 @@ class Wan(nnx.Module):
         self.patch_embedding = PatchEmbedding(c.in_channels, dim, c.patch_size, rngs=rngs,
                                               dtype=dtype)
         self.text_embedding = nnx.Dict({"0": lin(c.text_dim, dim), "2": lin(dim, dim)})
-        self.time_embedding = nnx.Dict({"0": lin(c.freq_dim, dim), "2": lin(dim, dim)})
-        self.time_projection = nnx.Dict({"1": lin(dim, 6 * dim)})
+        precise = lambda i, o: _linear(i, o, rngs, PRECISE)
+        self.time_embedding = nnx.Dict({"0": precise(c.freq_dim, dim), "2": precise(dim, dim)})
+        self.time_projection = nnx.Dict({"1": precise(dim, 6 * dim)})
         self.blocks = nnx.List([
             WanAttentionBlock(dim, c.ffn_dim, c.num_heads, c.eps, c.qk_norm, c.cross_attn_norm,
                               policies[i], rngs=rngs, dtype=dtype) for i in range(c.num_layers)])
@@ -102,7 +139,8 @@ class Wan(nnx.Module):
         """Predicted flow `[B, C_out, F, H, W]` (float32) for video latents `hidden_states`.
 
         `timestep` is on the 0-1000 scale; `encoder_hidden_states` are the text encoder's
-        states (umT5, zero-padded to 512 tokens in Wan's pipeline). `dense=True` runs
+        states, attended as given (diffusers' behaviour): the official model zero-pads
+        them to `config.text_len` (512) first, see `pad_text`. `dense=True` runs
         every self-attention dense for this call (e.g. early sampling steps). Raises
         ValueError for inputs of the wrong rank or shape.
         """
@@ -120,9 +158,8 @@ class Wan(nnx.Module):
         rope = (jnp.cos(angles), jnp.sin(angles))
 
         t = timestep_embedding(timestep, c.freq_dim)
-        e = _f32_linear(self.time_embedding["2"],
-                        jax.nn.silu(_f32_linear(self.time_embedding["0"], t)))
-        e0 = _f32_linear(self.time_projection["1"], jax.nn.silu(e)).reshape(b, 6, c.dim)
+        e = self.time_embedding["2"](jax.nn.silu(self.time_embedding["0"](t)))
+        e0 = self.time_projection["1"](jax.nn.silu(e)).reshape(b, 6, c.dim)
         dtype = self.text_embedding["0"].kernel.dtype
         context = self.text_embedding["2"](_gelu(self.text_embedding["0"](
             encoder_hidden_states.astype(dtype))))
