@@ -410,8 +410,23 @@ def test_compare_command_writes_a_grid_and_prints_psnr_and_ssim(tmp_path, capsys
     # 72 tokens: two blocks of 64, one of them approximated, so PISA differs from dense.
     assert "inf dB" not in printed
     grid = Image.open(out)
-    assert grid.size == (3 * 128, 4 * 128)      # dense | PISA | diff, 2 prompts x 2 seeds
+    # dense | PISA | diff, 2 prompts x 2 seeds; a 14-pixel header and a caption per row
+    assert grid.size == (3 * 128, 14 + 4 * (14 + 128))
     assert grid.text["seeds"] == "0,1"
+
+
+def test_labelled_grid_puts_each_row_under_its_caption_pixel_for_pixel():
+    from models.flux.generate import labelled_grid
+    rng = np.random.default_rng(3)
+    rows = [rng.random((16, 3 * 20, 3)) for _ in range(2)]
+    grid = np.asarray(labelled_grid(rows, ["first", "second"], ("a", "b", "c")))
+    assert grid.shape == (14 + 2 * (14 + 16), 60, 3)
+    for i, row in enumerate(rows):
+        top = 14 + i * (14 + 16) + 14
+        np.testing.assert_array_equal(grid[top:top + 16],
+                                      (row * 255).round().astype(np.uint8))
+        caption = grid[top - 14:top]
+        assert (caption < 128).any() and (caption == 255).any()   # text on white
 
 
 # ------------------------------------------------------------------- metrics

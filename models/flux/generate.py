@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import warnings
+from typing import Sequence
 
 import numpy as np
 
@@ -259,7 +260,6 @@ def run_generate(args) -> int:
 
 
 def run_compare(args) -> int:
-    from PIL import Image
     check_output_file(args.out)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -285,7 +285,9 @@ def run_compare(args) -> int:
     p_mean, s_mean = np.mean([p for p, _ in scores]), np.mean([s for _, s in scores])
     print(f"mean       PSNR {p_mean:6.2f} dB  SSIM {s_mean:.4f}  (PISA against dense, "
           f"{len(scores)} images)")
-    grid = Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8))
+    captions = [f"seed {seed}  PSNR {p:.2f} dB  SSIM {q:.4f}  {prompt}"
+                for prompt, seed, (p, q) in zip(prompts, all_seeds, scores)]
+    grid = labelled_grid(rows, captions, ("dense", "PISA", "4 x |PISA - dense|"))
     save_png(grid, args.out, {
         "prompts": " | ".join(args.prompts), "seeds": args.seeds, "steps": steps,
         "columns": "dense | PISA | 4 x abs diff", "rows": "prompts x seeds",
@@ -295,6 +297,27 @@ def run_compare(args) -> int:
         "mean_psnr": f"{p_mean:.3f}", "mean_ssim": f"{s_mean:.5f}", "software": "pisa-jax"})
     print(f"wrote {args.out}")
     return 0
+
+
+def labelled_grid(rows: list[np.ndarray], captions: list[str], columns: Sequence[str]):
+    """A PIL image: a header naming the columns, then each row `[H, n*W, 3]` (values in
+    [0, 1], `n = len(columns)` panels side by side) under a one-line caption."""
+    from PIL import Image, ImageDraw
+    line = 14                                           # PIL's default bitmap font is ~11 px
+    width = rows[0].shape[1]
+    panel = width // len(columns)
+    height = line + sum(line + r.shape[0] for r in rows)
+    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, name in enumerate(columns):
+        draw.text((i * panel + 3, 1), name, fill=(0, 0, 0))
+    y = line
+    for row, caption in zip(rows, captions):
+        draw.text((3, y + 1), caption, fill=(0, 0, 0))
+        y += line
+        grid.paste(Image.fromarray((np.clip(row, 0, 1) * 255).round().astype(np.uint8)), (0, y))
+        y += row.shape[0]
+    return grid
 
 
 def _guarded(fn):
