@@ -1,4 +1,4 @@
-"""T5 and CLIP text encoders against transformers' outputs (fixtures made by
+"""T5, umT5 and CLIP text encoders against transformers' outputs (fixtures made by
 tests/fixtures/make_text_encoder_fixtures.py), checkpoint loading and its errors."""
 
 from __future__ import annotations
@@ -17,16 +17,20 @@ from safetensors.flax import save_file
 
 from models.checkpoint import CheckpointError, TensorFiles, safetensors_files
 from models.text_encoders import (CLIP_VIT_L14_TEXT, CLIPTextConfig, CLIPTextModel,
-                                  T5_V1_1_XXL, T5Config, T5Encoder, load_clip, load_t5)
+                                  T5_V1_1_XXL, UMT5_XXL, T5Config, T5Encoder, load_clip,
+                                  load_t5)
 from models.text_encoders.t5 import relative_position_bucket
 from tests.helpers import relative_error
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "text_encoders")
 T5_DIR, CLIP_DIR = os.path.join(HERE, "t5"), os.path.join(HERE, "clip")
+UMT5_DIR = os.path.join(HERE, "umt5")
+BIAS = "encoder.block.{}.layer.0.SelfAttention.relative_attention_bias.weight"
 FP32_TOL = 1e-4
-# Measured bf16-vs-float32 errors on these fixtures: T5 1.42e-2, CLIP hidden 3.8e-3,
-# pooled 3.5e-3 (transformers' own bf16: 1.48e-2, 4.5e-3, 4.3e-3). Tolerances ~1.4x.
-BF16_TOL = {"t5": 2e-2, "clip": 5.5e-3}
+# Measured bf16-vs-float32 errors on these fixtures: T5 1.42e-2, umT5 2.23e-2, CLIP
+# hidden 3.8e-3, pooled 3.5e-3 (transformers' own bf16: 1.48e-2, 2.36e-2, 4.5e-3,
+# 4.3e-3). Tolerances ~1.4x.
+BF16_TOL = {"t5": 2e-2, "umt5": 3e-2, "clip": 5.5e-3}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,11 @@ def jitted(model):
 @pytest.fixture(scope="module")
 def t5():
     return load_t5(T5_DIR, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def umt5():
+    return load_t5(UMT5_DIR, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +115,10 @@ def test_t5_loads_a_folder_sharded_with_an_index(t5):
     np.testing.assert_array_equal(t5.encoder.final_layer_norm.weight[...], want)
 
 
-def test_t5_reads_a_tied_embedding_copy_or_either_name(tmp_path, t5, io):
+@pytest.mark.parametrize("src", [T5_DIR, UMT5_DIR])
+def test_t5_reads_a_tied_embedding_copy_or_either_name(tmp_path, src, io):
     ids = jnp.asarray(io["t5_ids"][:, :24])
-    ref = jitted(t5)(ids)
+    ref = jitted(load_t5(src, dtype=jnp.float32))(ids)
 
     def add_copy(t):
         return t | ({"encoder.embed_tokens.weight": t["shared.weight"]}
@@ -119,9 +129,60 @@ def test_t5_reads_a_tied_embedding_copy_or_either_name(tmp_path, t5, io):
                 for n, x in t.items()}
 
     for edit in (add_copy, rename):
-        model = load_t5(_copy(T5_DIR, tmp_path / edit.__name__, edit=edit),
+        model = load_t5(_copy(src, tmp_path / edit.__name__, edit=edit),
                         dtype=jnp.float32)
         np.testing.assert_array_equal(jitted(model)(ids), ref)
+
+
+# ---------------------------------------------------------------------------- umT5
+
+def test_umt5_matches_transformers_float32(umt5, io):
+    # 160 tokens: offsets past max_distance 128 share the last buckets.
+    ids = jnp.asarray(io["umt5_ids"])
+    out = jitted(umt5)(ids)
+    assert out.shape == io["umt5_hidden"].shape and out.dtype == jnp.float32
+    assert relative_error(out, io["umt5_hidden"]) <= FP32_TOL
+    masked = jitted(umt5)(ids, jnp.asarray(io["umt5_mask"]))
+    assert relative_error(masked, io["umt5_hidden_masked"]) <= FP32_TOL
+    assert relative_error(masked, io["umt5_hidden"]) > 1e-2  # the mask changes something
+
+
+def test_umt5_uses_each_layers_own_bias_table(io):
+    # With the first layer's table in every layer (T5 v1.1's rule) the output moves far
+    # from transformers': each layer must read its own table.
+    ids = jnp.asarray(io["umt5_ids"])
+    shared = load_t5(UMT5_DIR, dtype=jnp.float32)     # a fresh copy: edited below
+    first = shared.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    for block in shared.encoder.block[1:]:
+        block.layer[0].SelfAttention.relative_attention_bias.weight[...] = first[...]
+    assert relative_error(jitted(shared)(ids), io["umt5_hidden"]) > 1e-2
+
+
+def test_umt5_loads_a_transformers_folder_with_a_table_per_layer(umt5):
+    assert umt5.config.per_layer_position_bias and umt5.config.num_layers == 3
+    with TensorFiles(safetensors_files(UMT5_DIR)) as files:
+        for i, block in enumerate(umt5.encoder.block):
+            np.testing.assert_array_equal(
+                block.layer[0].SelfAttention.relative_attention_bias.weight[...],
+                np.asarray(files.get(BIAS.format(i))))
+
+
+def test_t5_v1_1_keeps_one_table_in_the_first_layer(t5):
+    assert not t5.config.per_layer_position_bias
+    attn = [b.layer[0].SelfAttention for b in t5.encoder.block]
+    assert hasattr(attn[0], "relative_attention_bias")
+    assert not any(hasattr(a, "relative_attention_bias") for a in attn[1:])
+
+
+@pytest.mark.parametrize("src,model_type,words", [
+    (T5_DIR, "umt5", ["missing", BIAS.format(1)]),         # T5 v1.1 weights, umT5 config
+    (UMT5_DIR, "t5", ["unexpected", BIAS.format(1)]),      # umT5 weights, T5 v1.1 config
+])
+def test_bias_tables_must_match_the_config(tmp_path, src, model_type, words):
+    folder = _copy(src, tmp_path / "bad", config={"model_type": model_type})
+    with pytest.raises(CheckpointError) as e:
+        load_t5(folder, dtype=jnp.float32)
+    assert all(w in str(e.value) for w in words + [folder]), str(e.value)
 
 
 # ---------------------------------------------------------------------------- CLIP
@@ -160,6 +221,9 @@ def test_bf16_loading_stays_close(io):
     out = jitted(t5)(jnp.asarray(io["t5_ids"]))
     assert out.dtype == jnp.bfloat16
     assert relative_error(out, io["t5_hidden"]) <= BF16_TOL["t5"]
+    out = jitted(load_t5(UMT5_DIR))(jnp.asarray(io["umt5_ids"]))
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(out, io["umt5_hidden"]) <= BF16_TOL["umt5"]
     clip = load_clip(CLIP_DIR)
     hidden, pooled = jitted(clip)(jnp.asarray(io["clip_ids"]))
     assert hidden.dtype == pooled.dtype == jnp.bfloat16
@@ -219,6 +283,16 @@ def test_configs_check_themselves(tmp_path):
         load_t5(CLIP_DIR)
     with pytest.raises(CheckpointError, match="config.json.*eos_token_id"):
         load_clip(_copy(CLIP_DIR, tmp_path / "clip", drop="eos_token_id"))
+    with pytest.raises(ValueError, match="model_type"):
+        T5Config.from_hf({"model_type": "bart", "feed_forward_proj": "gated-gelu"})
+    with pytest.raises(TypeError, match="per_layer_position_bias"):
+        T5Config(per_layer_position_bias=1)
+    # UMT5Config's default feed-forward is gated GELU; T5Config's is ReLU.
+    small = {"vocab_size": 8, "d_model": 8, "d_kv": 4, "d_ff": 8, "num_layers": 1,
+             "num_heads": 2, "relative_attention_num_buckets": 8}
+    assert T5Config.from_hf(small | {"model_type": "umt5"}).per_layer_position_bias
+    with pytest.raises(ValueError, match="gated-gelu"):
+        T5Config.from_hf(small | {"model_type": "t5"})
     with pytest.raises(ValueError, match="float16"):
         T5Encoder(T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=8, num_layers=1,
                            num_heads=2), rngs=nnx.Rngs(0), dtype=jnp.float16)
@@ -247,11 +321,20 @@ def test_full_size_configs_have_the_published_parameter_counts():
         "num_heads": 64, "relative_attention_num_buckets": 32,
         "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6,
         "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new"})
+    assert UMT5_XXL == T5Config.from_hf({
+        "model_type": "umt5", "vocab_size": 256384, "d_model": 4096, "d_kv": 64,
+        "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+        "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu_new"})
     assert CLIP_VIT_L14_TEXT == CLIPTextConfig.from_hf({
         "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
         "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 2})
+    # umT5-XXL: T5 v1.1-XXL's layers with 23 more [32, 64] tables and a 256384-token
+    # embedding: 4_762_310_656 + 23 * 2048 + (256384 - 32128) * 4096.
     for cls, cfg, count in ((T5Encoder, T5_V1_1_XXL, 4_762_310_656),
+                            (T5Encoder, UMT5_XXL, 5_680_910_336),
                             (CLIPTextModel, CLIP_VIT_L14_TEXT, 123_060_480)):
         abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
         params = jax.tree.leaves(nnx.state(abstract, nnx.Param))

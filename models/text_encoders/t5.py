@@ -1,9 +1,15 @@
-"""The T5 v1.1 encoder (FLUX's `text_encoder_2`) in Flax NNX.
+"""The T5 v1.1 encoder (FLUX's `text_encoder_2`) and umT5 (Wan2.1's `text_encoder`) in
+Flax NNX.
 
 Module and parameter paths mirror transformers' `T5EncoderModel` checkpoint one to one
 (`encoder.block.0.layer.0.SelfAttention.q`, `encoder.block.0.layer.1.DenseReluDense.wi_0`,
 `shared`, ...): a Flax `kernel` is the checkpoint's `weight` transposed, every other
 parameter keeps its name, so loading is mechanical (`load_t5`).
+
+umT5 is T5 v1.1 with one change: every layer owns its relative position bias table
+(`encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias`), where T5 v1.1 has
+one table in the first layer shared by all. `T5Config.per_layer_position_bias` selects
+it; `T5Config.from_hf` sets it for transformers configs of model_type "umt5".
 
 Precision: T5 v1.1's activations are known to pass float16's maximum, so the residual
 stream is kept in float32 whatever the parameter dtype; each sublayer reads it through an
@@ -29,7 +35,11 @@ from models.text_encoders.common import (Embedding, check_dtype, check_ids, line
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-    """Hyperparameters of a T5 v1.1 encoder (gated-GELU feed-forward, tanh GELU)."""
+    """Hyperparameters of a T5 v1.1 or umT5 encoder (gated-GELU feed-forward, tanh GELU).
+
+    `per_layer_position_bias`: False for T5 v1.1 (the first layer's bias table serves
+    every layer), True for umT5 (each layer has its own table).
+    """
     vocab_size: int = 32128
     d_model: int = 4096
     d_kv: int = 64
@@ -39,6 +49,7 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
+    per_layer_position_bias: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
@@ -53,6 +64,9 @@ class T5Config:
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"T5Config.layer_norm_epsilon must be > 0, got "
                              f"{self.layer_norm_epsilon!r}")
+        if not isinstance(self.per_layer_position_bias, bool):
+            raise TypeError(f"T5Config.per_layer_position_bias must be a bool, got "
+                            f"{self.per_layer_position_bias!r}")
 
     @property
     def inner_dim(self) -> int:
@@ -60,25 +74,35 @@ class T5Config:
 
     @classmethod
     def from_hf(cls, config: dict) -> "T5Config":
-        """The config of a transformers `config.json` dict (`T5EncoderModel`, T5 v1.1).
+        """The config of a transformers `config.json` dict: `T5EncoderModel` (T5 v1.1,
+        model_type "t5" or "mt5", or none) or `UMT5EncoderModel` (model_type "umt5",
+        which sets `per_layer_position_bias`).
 
         Raises ValueError unless the feed-forward is gated GELU (`feed_forward_proj`
-        "gated-gelu", activation "gelu_new"), or if a field is missing.
+        "gated-gelu", activation "gelu_new"), if the model_type is another one, or if a
+        field is missing.
         """
-        ff = config.get("feed_forward_proj", "relu")
+        model_type = config.get("model_type", "t5")
+        # transformers' defaults: UMT5Config is gated-GELU, T5Config ReLU.
+        ff = config.get("feed_forward_proj", "gated-gelu" if model_type == "umt5" else "relu")
         act = config.get("dense_act_fn", "gelu_new")
         if ff != "gated-gelu" or act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"expected a T5 v1.1 config with feed_forward_proj 'gated-gelu' "
                              f"(tanh GELU); got feed_forward_proj {ff!r}, dense_act_fn {act!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
+        if model_type not in ("t5", "mt5", "umt5"):
+            raise ValueError(f"expected model_type 't5', 'mt5' or 'umt5', got {model_type!r}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"per_layer_position_bias"}
         missing = sorted(fields - set(config) - {"relative_attention_max_distance",
                                                 "layer_norm_epsilon"})
         if missing:
             raise ValueError(f"T5 config lacks the fields {missing}")
-        return cls(**{k: config[k] for k in fields if k in config})
+        return cls(**{k: config[k] for k in fields if k in config},
+                   per_layer_position_bias=model_type == "umt5")
 
 
 T5_V1_1_XXL = T5Config()
+# google/umt5-xxl's encoder, Wan2.1's text encoder.
+UMT5_XXL = T5Config(vocab_size=256384, per_layer_position_bias=True)
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
@@ -117,7 +141,8 @@ class T5LayerNorm(nnx.Module):
 
 
 class T5Attention(nnx.Module):
-    """Self-attention without q.k scaling; the first layer owns the relative bias table."""
+    """Self-attention without q.k scaling; owns a relative bias table when
+    `has_relative_attention_bias` (the first layer of T5 v1.1, every layer of umT5)."""
 
     def __init__(self, cfg: T5Config, has_relative_attention_bias: bool, *, rngs, dtype):
         self.cfg = cfg
@@ -129,13 +154,17 @@ class T5Attention(nnx.Module):
             self.relative_attention_bias = Embedding(cfg.relative_attention_num_buckets,
                                                      cfg.num_heads, rngs=rngs, dtype=dtype)
 
-    def compute_bias(self, length: int) -> Float[Array, "1 h l l"]:
-        """Float32 bias `[1, heads, query, key]` for a sequence of `length` tokens."""
+    def buckets(self, length: int) -> np.ndarray:
+        """Bucket `[query, key]` (int32) of each offset in a sequence of `length` tokens."""
         pos = np.arange(length)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None],
-                                           self.cfg.relative_attention_num_buckets,
-                                           self.cfg.relative_attention_max_distance)
-        values = self.relative_attention_bias(jnp.asarray(buckets, jnp.int32))  # [l, l, h]
+        return relative_position_bucket(pos[None, :] - pos[:, None],
+                                        self.cfg.relative_attention_num_buckets,
+                                        self.cfg.relative_attention_max_distance
+                                        ).astype(np.int32)
+
+    def compute_bias(self, buckets: np.ndarray) -> Float[Array, "1 h l l"]:
+        """Float32 bias `[1, heads, query, key]` of the buckets `[query, key]`."""
+        values = self.relative_attention_bias(jnp.asarray(buckets))     # [l, l, h]
         return values.astype(jnp.float32).transpose(2, 0, 1)[None]
 
     def __call__(self, x, bias):
@@ -187,16 +216,18 @@ class T5Block(nnx.Module):
 
 class T5Stack(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs, dtype):
-        self.block = nnx.List([T5Block(cfg, i == 0, rngs=rngs, dtype=dtype)
+        self.block = nnx.List([T5Block(cfg, i == 0 or cfg.per_layer_position_bias,
+                                       rngs=rngs, dtype=dtype)
                                for i in range(cfg.num_layers)])
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype=dtype)
 
 
 class T5Encoder(nnx.Module):
-    """T5 v1.1 encoder: token embedding, `num_layers` pre-norm blocks, final RMS norm.
+    """T5 v1.1 / umT5 encoder: token embedding, `num_layers` pre-norm blocks, final RMS
+    norm.
 
     Args:
-      config: a `T5Config` (`T5_V1_1_XXL` for FLUX).
+      config: a `T5Config` (`T5_V1_1_XXL` for FLUX, `UMT5_XXL` for Wan2.1).
       rngs: initialisation randomness (use `nnx.eval_shape` and `load_t5` for weights).
       dtype: parameter and compute dtype, float32 or bfloat16 (float16 is refused: T5
         v1.1 activations exceed its range).
@@ -215,33 +246,43 @@ class T5Encoder(nnx.Module):
         """Last hidden state `[B, L, d_model]` in the model dtype.
 
         `attention_mask` (optional, `[B, L]`, nonzero = attend) hides padding keys; FLUX
-        passes none. Raises ValueError / TypeError for ids or a mask of the wrong shape
-        or dtype (ids outside the vocabulary cannot be checked under `jit`).
+        passes none, Wan2.1 passes one. Raises ValueError / TypeError for ids or a mask of
+        the wrong shape or dtype (ids outside the vocabulary cannot be checked under `jit`).
         """
         check_ids(input_ids, "input_ids")
         b, l = input_ids.shape
-        stack = self.encoder
-        bias = stack.block[0].layer[0].SelfAttention.compute_bias(l)
+        keep = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (b, l):
                 raise ValueError(f"attention_mask must have the shape of input_ids {(b, l)}, "
                                  f"got {tuple(attention_mask.shape)}")
-            keep = jnp.asarray(attention_mask) != 0
-            bias = jnp.where(keep[:, None, None, :], bias, jnp.finfo(jnp.float32).min)
+            keep = (jnp.asarray(attention_mask) != 0)[:, None, None, :]
+        stack = self.encoder
+        buckets = stack.block[0].layer[0].SelfAttention.buckets(l)
+
+        def bias_of(block):
+            bias = block.layer[0].SelfAttention.compute_bias(buckets)
+            return bias if keep is None else jnp.where(keep, bias,
+                                                       jnp.finfo(jnp.float32).min)
+
+        shared_bias = None if self.config.per_layer_position_bias else bias_of(stack.block[0])
         x = self.shared(input_ids).astype(jnp.float32)     # float32 residual stream
         for block in stack.block:
-            x = block(x, bias)
+            x = block(x, bias_of(block) if shared_bias is None else shared_bias)
         return stack.final_layer_norm(x)
 
 
 def load_t5(folder: str, *, dtype=jnp.bfloat16) -> T5Encoder:
     """A `T5Encoder` from a transformers folder: `config.json` and `model.safetensors` or
-    shards with `model.safetensors.index.json` (as FLUX's `text_encoder_2`).
+    shards with `model.safetensors.index.json` (FLUX's `text_encoder_2`, a
+    `T5EncoderModel`, or Wan2.1's `text_encoder`, a `UMT5EncoderModel`).
 
     Tensors are read lazily (bf16 included) and cast to `dtype`. The tied duplicate
     `encoder.embed_tokens.weight` is used only when `shared.weight` is absent. Raises
     `CheckpointError` naming the file or tensor that is missing, unexpected or
-    mis-shaped, or `config.json` when it is not a T5 v1.1 config.
+    mis-shaped (a T5 v1.1 checkpoint under a umT5 config lacks the later layers' bias
+    tables; the reverse has them unexpected), or `config.json` when it is not a T5 v1.1
+    or umT5 config.
     """
     return load_params(folder, T5Config.from_hf, T5Encoder, dtype=dtype,
                        aliases={"encoder.embed_tokens.weight": "shared.weight"})
