@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pisa_jax as pj  # noqa: E402
+from pisa_jax.cli import comma_list  # noqa: E402
 from pisa_jax.kernels.dispatch import mosaic_unavailable  # noqa: E402
 from pisa_jax.kernels.pallas_triton import LaunchConfig  # noqa: E402
 from pisa_jax.kernels.pallas_triton import block_statistics as stats_kernel  # noqa: E402
@@ -150,7 +151,8 @@ def sweep(q, k, v, configs=SWEEP):
     sel = pj.select_blocks(stats, density=0.15, use_bias=True)
     rows, first = [], None
     for warps, stages, chunk, in_registers in configs:
-        cfg = LaunchConfig(num_warps=warps, num_stages=stages, zeroth_chunk=chunk, indices_in_registers=in_registers)
+        cfg = LaunchConfig(num_warps=warps, num_stages=stages, zeroth_chunk=chunk,
+                           indices_in_registers=in_registers)
         kernel_only = attention_kernel_fn(cfg)
         try:
             out = kernel_only(q, k, v, stats, sel)
@@ -217,7 +219,9 @@ def plot(results, path, device=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--densities", default="0.10,0.15,0.25")
+    p.add_argument("--densities", default=(0.10, 0.15, 0.25),
+                   type=comma_list(float, "comma-separated numbers in (0, 1]",
+                                   lambda d: 0 < d <= 1))
     p.add_argument("--sweep", action="store_true", help="also time launch configs")
     p.add_argument("--sweep-only", action="store_true",
                    help="time launch configs only (no density grid, stages or memory)")
@@ -227,12 +231,7 @@ def main(argv=None):
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         p.error(f"--shapes: unknown {unknown}; expected names from {list(SHAPES)}")
-    try:
-        densities = [float(x) for x in args.densities.split(",")]
-    except ValueError:
-        p.error(f"--densities: expected comma-separated numbers, got {args.densities!r}")
-    if not all(0 < d <= 1 for d in densities):
-        p.error(f"--densities: expected numbers in (0, 1], got {densities}")
+    densities = list(args.densities)
     os.makedirs(args.out, exist_ok=True)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     no_mosaic = mosaic_unavailable()

@@ -28,6 +28,7 @@ import pisa_jax as pj  # noqa: E402
 from pisa_jax import reference  # noqa: E402
 from pisa_jax._blocks import block_lengths  # noqa: E402
 from benchmarks.attention import D, SHAPES, timeit  # noqa: E402
+from pisa_jax.cli import int_at_least, writable_file  # noqa: E402
 from pisa_jax.kernels.pallas_mosaic_gpu import MosaicConfig  # noqa: E402
 from pisa_jax.kernels.pallas_mosaic_gpu import piecewise_attention as mosaic_attention  # noqa: E402
 from pisa_jax.kernels.pallas_triton import piecewise_attention as triton_kernel  # noqa: E402
@@ -152,9 +153,10 @@ def run_shape(name, timing: bool, config):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--out", default="mosaic.json")
+    p.add_argument("--out", default="mosaic.json", type=writable_file)
     p.add_argument("--no-timing", action="store_true", help="correctness checks only")
-    p.add_argument("--stages", type=int, default=None, help="pipeline stages per warpgroup")
+    p.add_argument("--stages", type=int_at_least(1), default=None,
+                   help="pipeline stages per warpgroup (default: the deepest that fits)")
     p.add_argument("--query-blocks-per-cta", type=int, default=2, choices=(1, 2))
     args = p.parse_args(argv)
     shapes = args.shapes.split(",")
@@ -163,7 +165,7 @@ def main(argv=None):
         p.error(f"--shapes: unknown {unknown}; expected names from {list(SHAPES)}")
     config = None
     if args.stages is not None or args.query_blocks_per_cta != 2:
-        config = MosaicConfig(stages=args.stages or 2,
+        config = MosaicConfig(stages=2 if args.stages is None else args.stages,
                               query_blocks_per_cta=args.query_blocks_per_cta)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, config {config}",
           flush=True)

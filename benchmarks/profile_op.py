@@ -26,6 +26,7 @@ import jax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pisa_jax as pj  # noqa: E402
 from benchmarks.attention import SHAPES, inputs, timeit  # noqa: E402
+from pisa_jax.cli import int_at_least  # noqa: E402
 
 
 def kernel_times(fn, args, calls: int) -> tuple[dict[str, float], float]:
@@ -96,7 +97,7 @@ def main(argv=None):
     p.add_argument("--density", type=float, default=0.15)
     p.add_argument("--no-bias", action="store_true")
     p.add_argument("--block-size", type=int, default=64, choices=(64, 128))
-    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--calls", type=int_at_least(1), default=20)
     p.add_argument("--dense", action="store_true",
                    help="also trace and time cuDNN dense attention; report both speedups")
     p.add_argument("--out", default=None, help="write the per-kernel times as JSON here")
@@ -106,8 +107,6 @@ def main(argv=None):
         p.error(f"unknown shapes {sorted(unknown)}; expected some of {list(SHAPES)}")
     if not 0.0 < args.density <= 1.0:
         p.error(f"--density: expected a number in (0, 1]; got {args.density}")
-    if args.calls < 1:
-        p.error(f"--calls: expected a positive count; got {args.calls}")
     use_bias = not args.no_bias
 
     @jax.jit

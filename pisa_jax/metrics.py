@@ -23,8 +23,12 @@ def time_per_call(fn, *args, reps: int = 7, target_s: float = 0.05) -> float:
 
     Each of `reps` repetitions queues enough calls back to back to last about `target_s`
     (1 to 200) and waits for the last one, so short calls are not timed by their launch
-    latency alone.
+    latency alone. Raises ValueError for `reps` < 1 or a negative `target_s`.
     """
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be an integer >= 1; got {reps!r}")
+    if not target_s >= 0:
+        raise ValueError(f"target_s must be a number >= 0 (seconds); got {target_s!r}")
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))

@@ -18,6 +18,7 @@ Two forms:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -33,10 +34,13 @@ def tile_shape(block_size: int) -> tuple[int, int]:
 def check_tile(tile: Sequence[int], block_size: int | None = None, *,
                name: str = "tile") -> tuple[int, ...]:
     """`tile` as a tuple of positive ints; with `block_size`, its volume must equal it."""
-    try:
-        tile = tuple(int(t) for t in tile)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a sequence of ints; got {tile!r}") from None
+    # A string is a sequence too ("64" would read as (6, 4)), and 2.5 must not become 2.
+    is_sequence = hasattr(tile, "__iter__") and not isinstance(tile, (str, bytes))
+    items = tuple(tile) if is_sequence else None
+    if items is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                for t in items):
+        raise TypeError(f"{name} must be a sequence of ints; got {tile!r}")
+    tile = tuple(int(t) for t in items)
     if not tile or any(t < 1 for t in tile):
         raise ValueError(f"{name} must hold positive sizes; got {tile}")
     if block_size is not None and math.prod(tile) != block_size:

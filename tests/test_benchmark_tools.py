@@ -121,3 +121,20 @@ def test_mosaic_rows_report_a_failure_instead_of_raising(monkeypatch):
     monkeypatch.setattr(attention, "mosaic_fn", broken)
     assert attention.mosaic_rows(None, None, None, [0.15]) == {
         "mosaic_error": "RuntimeError: no Mosaic here"}
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("mosaic", ["--stages", "0"], "--stages: expected an integer >= 1, got '0'"),
+    ("mosaic", ["--out", "/no/such/folder/m.json"], "cannot write /no/such/folder/m.json"),
+    ("attention", ["--densities", "0.15,2"], "expected comma-separated numbers in (0, 1]"),
+    ("profile_op", ["--calls", "0"], "--calls: expected an integer >= 1, got '0'"),
+])
+def test_benchmark_flags_are_refused_before_any_work(module, argv, message, capsys):
+    # Parsed before a device is touched: a clear usage error (exit 2), not a traceback or
+    # a silently replaced value (--stages 0 used to run with 2 stages).
+    import importlib
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -102,3 +102,14 @@ def test_demo_prints_rows_as_they_come_and_explains_the_columns(monkeypatch):
     assert len(table) == len(rows) == 4
     assert [n for _, n in table] == [1, 2, 3, 4]   # each row printed once it is measured
     assert table[1][0].split()[3] == "0.001"       # not rounded to 0.00
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(reps=0), "reps must be an integer >= 1"),
+    (dict(target_s=-1.0), "target_s must be a number >= 0")])
+def test_time_per_call_refuses_bad_options_before_calling(kwargs, message):
+    from pisa_jax.metrics import time_per_call
+    calls = []
+    with pytest.raises(ValueError, match=message):
+        time_per_call(lambda: calls.append(1), **kwargs)
+    assert calls == []

@@ -70,3 +70,15 @@ def test_bad_tiles_are_refused_with_names():
         tile_order((3, 0, 7), (1, 8, 8))
     with pytest.raises(TypeError, match="sequence of ints"):
         check_tile("abc")
+
+
+@pytest.mark.parametrize("tile", ["64", (2.5, 4), (True, 8), 64, None])
+def test_tiles_that_are_not_int_sequences_are_refused_not_converted(tile):
+    # "64" would otherwise read as (6, 4) and 2.5 as 2.
+    with pytest.raises(TypeError, match=r"tile must be a sequence of ints; got"):
+        check_tile(tile)
+
+
+def test_int_like_tile_sizes_are_taken():
+    assert check_tile(np.array([2, 4, 8]), 64) == (2, 4, 8)
+    assert check_tile([np.int64(8), 8]) == (8, 8)

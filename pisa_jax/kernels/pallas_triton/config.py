@@ -21,8 +21,6 @@ from jax.experimental import pallas as pl
 
 from pisa_jax.kernels._common import shared_memory_per_block
 
-# Input dtypes the Triton kernels take (they have no float64 path).
-DTYPES = ("bfloat16", "float16", "float32")
 MAX_HEAD_DIM = 256
 
 
