@@ -31,6 +31,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from models.flux import FLUX_DEV, default_policies  # noqa: E402
 from models.flux.convert import iter_diffusers_state, model_from_tensors  # noqa: E402
+from pisa_jax.cli import comma_list  # noqa: E402
 from pisa_jax.metrics import relative_error as rel  # noqa: E402
 
 N_TXT = 512
@@ -94,7 +95,10 @@ def diffusers_forward(model, io):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="1024,2048")
+    p.add_argument("--sizes", default=(1024, 2048),
+                   type=comma_list(int, "comma-separated positive multiples of 16",
+                                   lambda s: s > 0 and s % 16 == 0),
+                   help="image sides in pixels (default 1024,2048)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--no-diffusers", action="store_true",
                    help="do not time diffusers (its model still draws the shared random "
@@ -103,12 +107,7 @@ def main(argv=None):
                    help="also run diffusers in float32 (same weights) at the first size, to "
                         "measure how far each bf16 forward is from it")
     args = p.parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError:
-        p.error(f"--sizes: expected comma-separated integers, got {args.sizes!r}")
-    if any(s <= 0 or s % 16 for s in sizes):
-        p.error(f"--sizes: expected positive multiples of 16 (pixels), got {sizes}")
+    sizes = list(args.sizes)
     os.makedirs(args.out, exist_ok=True)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "sizes": {}}
 

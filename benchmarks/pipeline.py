@@ -50,6 +50,7 @@ from models.flux.autoencoder import AutoEncoder, AutoEncoderConfig  # noqa: E402
 from models.flux.pipeline import FluxPipeline  # noqa: E402
 from models.text_encoders import CLIPTextConfig, CLIPTextModel, T5Config, T5Encoder  # noqa: E402
 from models.text_encoders.tokenizers import CLIPTokenizer, T5Tokenizer  # noqa: E402
+from pisa_jax.cli import comma_list, int_at_least  # noqa: E402
 from pisa_jax.metrics import relative_error  # noqa: E402
 
 TOKENIZERS = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tokenizers")
@@ -208,9 +209,10 @@ def diffusers_end_to_end(pipe, size, steps, latents, parts) -> tuple:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default=None, help="image sides in pixels (default 1024,2048; "
-                                                 "--tiny: 64,128)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--sizes", type=comma_list(int, "comma-separated positive multiples of 16",
+                                              lambda s: s > 0 and s % 16 == 0),
+                   help="image sides in pixels (default 1024,2048; --tiny: 64,128)")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
                    help=f"sampling steps (default {REFERENCE_STEPS}; --tiny: 2); fewer are "
                         f"extrapolated to {REFERENCE_STEPS}")
     p.add_argument("--out", default="pipeline.json", help="JSON file to write")
@@ -219,11 +221,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="tiny random model on any device, no torch or diffusers")
     args = p.parse_args(argv)
-    sizes = [int(s) for s in (args.sizes or ("64,128" if args.tiny else "1024,2048")).split(",")]
+    sizes = list(args.sizes or ((64, 128) if args.tiny else (1024, 2048)))
     steps = args.steps if args.steps is not None else (2 if args.tiny else REFERENCE_STEPS)
-    if any(s <= 0 or s % 16 for s in sizes) or steps < 1:
-        p.error(f"--sizes must be positive multiples of 16 and --steps >= 1; got {sizes}, "
-                f"{steps}")
     results = {"device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
                "jax": jax.__version__, "tiny": args.tiny, "steps": steps, "sizes": {}}
 

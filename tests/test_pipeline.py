@@ -112,7 +112,8 @@ def test_images_match_diffusers_flux_pipeline(pipes, variant):
     images = out[0]
     assert images.dtype == np.float32 and images.shape == ref["images"].shape
     assert ref["images"].std() > 0.1                    # a real image, not a flat one
-    assert np.abs(images - ref["images"]).max() < 1e-3   # max abs difference, in [0, 1]
+    # max abs difference in [0, 1]: measured 6.3e-6 (dev), 1.7e-6 (schnell); issue bound 1e-3
+    assert np.abs(images - ref["images"]).max() < 1e-4
     out = pipe(prompts, output_type="pil", **kwargs)
     assert isinstance(out, FluxPipelineOutput)
     pil = out.images
@@ -363,6 +364,12 @@ def test_commands_check_their_arguments_before_loading_anything(tmp_path, capsys
          "--density 0.5 would do nothing with --attention dense"),
         (["--attention", "dense", "--dense-layers", "2", "--density", "0.3"],
          "--density 0.3 and --dense-layers 2 would do nothing"),
+        (["--attention", "dense", "--dense-steps", "1"],
+         "--dense-steps 1 would do nothing with --attention dense"),
+        (["--seed", "-1"],
+         r"--seed \(and --batch\): seeds must be in \[0, 2\*\*32\); got \[-1\]"),
+        (["--seed", str(2**32 - 1), "--batch", "2"],          # only the seed out of range
+         r"--seed \(and --batch\): seeds must be in .* got \[4294967296\]$"),
     ]
     import re
     for extra, msg in cases:
@@ -371,6 +378,8 @@ def test_commands_check_their_arguments_before_loading_anything(tmp_path, capsys
         assert err.count("\n") == 1 and re.search("error: " + msg, err), (extra, err)
     assert cli.main(["compare", "x"] + base + ["--steps", "0"]) == 1
     assert "--steps must be >= 1" in capsys.readouterr().err
+    assert cli.main(["compare", "x"] + base + ["--seeds", "0,-3"]) == 1
+    assert "error: --seeds: seeds must be in [0, 2**32); got [-3]" in capsys.readouterr().err
     # Valid arguments get as far as loading, which names the missing folder.
     assert cli.main(["generate", "x"] + base + ["--steps", "1"]) == 1
     assert "no-model: no such folder" in capsys.readouterr().err
@@ -478,3 +487,19 @@ def test_two_devices_give_the_images_of_one(background):
     proc = background[0]["two_devices"]
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "ok" in out, out + err
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("pipeline", ["--sizes", "64,x"], "--sizes: expected comma-separated positive multiples "
+                                      "of 16, got '64,x'"),
+    ("pipeline", ["--sizes", "40"], "got '40'"),
+    ("pipeline", ["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
+    ("flux", ["--sizes", "1024,0"], "--sizes: expected comma-separated positive multiples "
+                                    "of 16, got '1024,0'"),
+])
+def test_benchmark_flags_are_refused_before_any_work(module, argv, message, capsys):
+    import importlib
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

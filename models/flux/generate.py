@@ -9,9 +9,9 @@ denoising, decoding) and writes the PNG atomically, with the prompt, seed, steps
 guidance, attention settings and model in its text chunks. With `--batch N` it writes
 `out-0.png` ... `out-{N-1}.png`, image i from seed `--seed + i`.
 
-Every argument the pipeline checks (sizes, step counts, T5 tokens, guidance, attention
-options) is checked before anything is loaded. Errors, out-of-memory included, are one
-`error:` line and exit status 1.
+Every argument the pipeline checks (sizes, step counts, T5 tokens, guidance, seeds,
+attention options) is checked before anything is loaded. Errors, out-of-memory included,
+are one `error:` line and exit status 1.
 
 `compare` runs every prompt and seed twice with one pipeline: dense (every layer, every
 step) and PISA, and saves a grid (one row per prompt and seed; columns dense | PISA |
@@ -158,12 +158,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="parameter and compute dtype (default bf16)")
 
 
-def check_arguments(args, attention: str) -> None:
-    """Fails before any work for arguments the pipeline would refuse after loading."""
+def check_arguments(args, attention: str, seeds: list[int]) -> None:
+    """Fails before any work for arguments the pipeline would refuse after loading, or that
+    would do nothing; `seeds` are the run's noise seeds."""
     from models.flux.pipeline_checks import check_arguments as check
     if attention == "dense":
         given = [f"--{k.replace('_', '-')} {v}" for k, v in (
-            ("density", args.density), ("dense_layers", args.dense_layers)) if v is not None]
+            ("density", args.density), ("dense_layers", args.dense_layers),
+            ("dense_steps", args.dense_steps or None)) if v is not None]
         if given:
             raise ValueError(f"{' and '.join(given)} would do nothing with --attention dense "
                              f"(every layer dense); drop {'them' if len(given) > 1 else 'it'} "
@@ -173,6 +175,11 @@ def check_arguments(args, attention: str) -> None:
     if args.dense_steps < 0 or (args.steps is not None and args.dense_steps > args.steps):
         bound = "" if args.steps is None else f" and <= --steps ({args.steps})"
         raise ValueError(f"--dense-steps must be >= 0{bound}; got {args.dense_steps}")
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        flag = "--seeds" if hasattr(args, "seeds") else "--seed (and --batch)"
+        raise ValueError(f"{flag}: seeds must be in [0, 2**32); got {bad[:3]}"
+                         + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
     try:
         check(height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
               guidance_scale=args.guidance)
@@ -192,7 +199,7 @@ def _default_steps(args, pipe) -> int:
 def _load(args, attention: str):
     import time
     from models.flux.pipeline import FluxPipeline
-    # check_arguments refused --density / --dense-layers with dense attention.
+    # check_arguments refused --density / --dense-layers / --dense-steps with dense attention.
     options = {k: v for k, v in (("density", args.density),
                                  ("dense_layers", args.dense_layers)) if v is not None}
     t0 = time.perf_counter()
@@ -236,9 +243,9 @@ def run_generate(args) -> int:
     check_output_file(args.out)
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1; got {args.batch}")
-    check_arguments(args, args.attention)
-    pipe, load_s = _load(args, args.attention)
     seeds = [args.seed + i for i in range(args.batch)]
+    check_arguments(args, args.attention, seeds)
+    pipe, load_s = _load(args, args.attention)
     images, steps = _generate(pipe, [args.prompt] * args.batch, seeds, args,
                               dense_steps=args.dense_steps, desc="denoising")
     print(_timing_line(load_s, pipe.last_timings, steps))
@@ -266,7 +273,7 @@ def run_compare(args) -> int:
     except ValueError:
         raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") \
             from None
-    check_arguments(args, "pisa")
+    check_arguments(args, "pisa", seeds)
     pipe, load_s = _load(args, "pisa")
     prompts = [p for p in args.prompts for _ in seeds]
     all_seeds = [s for _ in args.prompts for s in seeds]

@@ -94,12 +94,12 @@ def load_components(path: str | None, *, dtype=jnp.bfloat16, attention: str = "p
     from models.text_encoders import load_clip, load_t5
     from models.text_encoders.tokenizers import CLIPTokenizer, T5Tokenizer
     paths = component_paths(path, given or {})
+    # Read first: a scheduler config we refuse should not cost loading the weights.
+    sched_file = os.path.join(path or "", "scheduler", "scheduler_config.json")
+    sched = (SchedulerConfig.from_diffusers(sched_file)
+             if path is not None and os.path.isfile(sched_file) else None)
     flux = load_flux(paths["transformer"], dtype=dtype, attention=attention,
                      policies=policies, **policy_options)
-    sched = None
-    sched_file = os.path.join(path or "", "scheduler", "scheduler_config.json")
-    if path is not None and os.path.isfile(sched_file):
-        sched = SchedulerConfig.from_diffusers(sched_file)
     parts = (flux, load_clip(paths["text_encoder"], dtype=dtype),
              load_t5(paths["text_encoder_2"], dtype=dtype),
              load_autoencoder(paths["vae"], dtype=dtype),
