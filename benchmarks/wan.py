@@ -48,7 +48,7 @@ from models.checkpoint import flat_params  # noqa: E402
 from models.wan import (WAN_T2V_1_3B, WAN_T2V_14B, Wan, WanConfig,  # noqa: E402
                         default_policies)
 from models.wan.convert import diffusers_layout  # noqa: E402
-from pisa_jax.metrics import relative_error as rel  # noqa: E402
+from pisa_jax.metrics import relative_error as rel, time_per_call  # noqa: E402
 from benchmarks import wan_tiles  # noqa: E402
 
 N_TXT = 512
@@ -57,8 +57,6 @@ TINY = WanConfig(dim=64, num_heads=2, num_layers=5, ffn_dim=128, text_dim=32, fr
 # name -> (config, latent [F, H, W]); 81 frames -> 21 latent frames, 8x spatial VAE.
 SHAPES = {"14b-720p": (WAN_T2V_14B, (21, 90, 160)), "1.3b-480p": (WAN_T2V_1_3B, (21, 60, 104)),
           "tiny": (TINY, (3, 12, 16))}
-# Correlation lengths (tokens) of the structured inputs: isotropic, then per axis (F, H, W)
-# with frames rougher (fast motion) and smoother (slow motion) than space.
 PEAK_FLOPS = 600e12                        # assumed bf16 rate of the stage estimates
 # Compile seconds per block, dense / PISA, from the FLUX forward on the H200 (RESULTS.md).
 COMPILE_S_PER_LAYER = (0.35, 0.55)
@@ -156,7 +154,11 @@ def inputs(cfg: WanConfig, latent, batch: int, seed: int = 0):
 
 
 def jax_median_ms(fn, *args, reps: int):
-    """(median ms over `reps` synchronised calls after one warm call, the warm output)."""
+    """(median ms over `reps` synchronised calls after one warm call, the warm output).
+
+    For the forwards, seconds per call at full size: their output is kept for the error
+    against dense, and `time_per_call`'s second warm call and queued calls would add whole
+    forwards without changing the median."""
     out = jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
@@ -307,7 +309,7 @@ def bench_shape(name: str, args, use_diffusers: bool, save) -> dict:
     pisa = jax.jit(functools.partial(pj.piecewise_sparse_attention, density=DENSITY,
                                      use_bias=True))
     for mode, fn in (("dense", jax.jit(pj.dense_attention)), ("pisa", pisa)):
-        r[f"attention_{mode}_ms_per_layer"] = jax_median_ms(fn, q, k, v, reps=args.reps)[0]
+        r[f"attention_{mode}_ms_per_layer"] = 1e3 * time_per_call(fn, q, k, v, reps=args.reps)
     del q, k, v
     dense_full = r.get("dense_ms_extrapolated", r["dense_ms"])
     r["attention_share_of_dense"] = full * r["attention_dense_ms_per_layer"] / dense_full

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pisa_jax as pj
-from models.wan import DEFAULT_TILE
+from models.wan import DEFAULT_TILE, WanConfig
 from models.wan.layers import apply_rope, rope_angles
 from pisa_jax.metrics import relative_error as rel
 from pisa_jax.tokens import tile_order
@@ -47,8 +47,8 @@ def structured_qkv(grid, heads: int, head_dim: int, *, length, seed: int = 0,
         x = (jnp.einsum("tf,hfd->thd", basis, mix)[None]
              + 0.05 * jax.random.normal(keys[i], (1, t, heads, head_dim)))
         fields.append(2.0 * x if i < 2 else x)
-    d = head_dim
-    angles = rope_angles(pos, (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)), 10_000.0)
+    rope_cfg = WanConfig(dim=head_dim, num_heads=1)        # the head dim's axis split, theta
+    angles = rope_angles(pos, rope_cfg.rope_dims, rope_cfg.theta)
     rope = (jnp.cos(angles), jnp.sin(angles))
     q, k, v = fields
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -99,7 +99,12 @@ def add_arguments(p) -> None:
 
 
 def grids(p, args, default: dict) -> dict:
-    """Name -> (F, H, W) token grid: `--tile-grid` as "custom", else `default`."""
+    """Name -> (F, H, W) token grid: `--tile-grid` as "custom", else `default`.
+
+    Exits through `p.error` for a malformed `--tile-grid`, or for `--all-tiles` or
+    `--tile-grid` without `--tiles` (they would do nothing)."""
+    if not args.tiles and (args.all_tiles or args.tile_grid):
+        p.error("--all-tiles and --tile-grid apply to the tile errors: add --tiles")
     if not args.tile_grid:
         return default
     try:

@@ -1,4 +1,5 @@
-"""Test helpers: error measure, random and structured inputs, an independent float64 PISA.
+"""Test helpers: error measure, random and structured inputs, an independent float64 PISA,
+and the checks every model's tests share (jit against eager, broken checkpoints).
 
 `numpy_pisa` is written from PISA_SPEC.md independently of `pisa_jax.reference`: plain
 NumPy loops over query blocks and key blocks, float64 throughout.
@@ -6,7 +7,11 @@ NumPy loops over query blocks and key blocks, float64 throughout.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from pisa_jax import metrics
 
@@ -16,6 +21,23 @@ def relative_error(out, ref) -> float:
     assert np.isfinite(np.asarray(out, np.float64)).all(), \
         "output has NaN or inf (unwritten or overflowed elements)"
     return metrics.relative_error(out, ref)
+
+
+def jit_error(model: nnx.Module, inputs: dict) -> float:
+    """Relative error of `model(**inputs)` under `nnx.jit` against the eager call."""
+    eager = model(**inputs)
+    jitted = nnx.jit(lambda m, io: m(**io))(model, inputs)
+    return relative_error(jitted, eager)
+
+
+def broken_copy(src: str, folder, edit) -> str:
+    """Path of a copy of the safetensors file `src` written into `folder` after
+    `edit(tensors)` changed its name -> array dict in place (to test a converter's errors)."""
+    tensors = load_file(src)
+    edit(tensors)
+    path = os.path.join(str(folder), "broken.safetensors")
+    save_file(tensors, path)
+    return path
 
 
 def random_qkv(rng: np.random.Generator, b, t, h, d, layout="bthd", spread=1.0):

@@ -15,13 +15,13 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from models.checkpoint import CheckpointError, TensorFiles, safetensors_files
 from models.wan import load_wan
 from models.wan.convert import (convert, diffusers_layout, iter_diffusers_state,
                                 main as convert_main, official_name)
-from tests.helpers import relative_error
+from tests.helpers import broken_copy, relative_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 OFFICIAL = os.path.join(FIXTURES, "wan_official.safetensors")
@@ -138,14 +138,6 @@ def test_float16_is_refused_before_reading(tmp_path, capsys):
     assert "float16" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-def _broken_copy(tmp_path, edit):
-    tensors = load_file(OFFICIAL)
-    edit(tensors)
-    path = str(tmp_path / "broken.safetensors")
-    save_file(tensors, path)
-    return path
-
-
 @pytest.mark.parametrize("edit,pattern", [
     (lambda t: t.pop("blocks.1.cross_attn.norm_k.weight"),
      r"missing: \['blocks.1.cross_attn.norm_k.weight'\]"),
@@ -158,7 +150,7 @@ def _broken_copy(tmp_path, edit):
      r"head.head.bias has shape \(64,\); the model expects \(60,\)"),   # patch from the file
 ])
 def test_converter_refuses_bad_checkpoints_and_leaves_nothing(tmp_path, edit, pattern):
-    bad = _broken_copy(tmp_path, edit)
+    bad = broken_copy(OFFICIAL, tmp_path, edit)
     with pytest.raises(CheckpointError, match=pattern):
         convert(bad, str(tmp_path / "out"), num_heads=2, progress=lambda *_: None)
     assert sorted(os.listdir(tmp_path)) == ["broken.safetensors"]
@@ -179,6 +171,25 @@ def test_converter_refuses_image_to_video_and_foreign_folders(tmp_path, capsys):
     assert convert_main([OFFICIAL, str(tmp_path / "exists"), "--num-heads", "2"]) == 1
     assert "already exists" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["exists", "i2v", "other"]
+
+
+def test_configs_that_do_not_check_out_are_named_by_file(tmp_path, capsys):
+    assert convert_main([OFFICIAL, str(tmp_path / "o1"), "--num-heads", "3"]) == 1
+    assert (f"{OFFICIAL}: not a valid Wan2.1 configuration (dim (32) must be a multiple of "
+            f"num_heads (3))") in capsys.readouterr().err
+    converted = tmp_path / "converted"
+    convert(DIFFUSERS, str(converted), dtype=jnp.float32, progress=lambda *_: None)
+    meta = json.loads((converted / "config.json").read_text())
+    (converted / "config.json").write_text(json.dumps(meta | {"dims": 32}))
+    with pytest.raises(CheckpointError, match=r"config.json: not a valid Wan2.1 configuration "
+                                              r"\(.*unexpected keyword argument 'dims'\)"):
+        load_wan(str(converted), dtype=jnp.float32, attention="dense")
+    (converted / "config.json").write_text(json.dumps(meta))
+    for shard in safetensors_files(str(converted)):
+        os.remove(shard)
+    with pytest.raises(CheckpointError, match="converted: no .safetensors files"):
+        load_wan(str(converted), dtype=jnp.float32, attention="dense")
+    assert sorted(os.listdir(tmp_path)) == ["converted"]
 
 
 def test_converter_cli_writes_a_loadable_folder(tmp_path):

@@ -13,7 +13,7 @@ import pisa_jax.nn as pnn
 from models.wan import Wan, WanConfig, default_policies, denoise, pad_text, schedule
 from models.wan.config import WAN_T2V_1_3B, WAN_T2V_14B
 from pisa_jax import layer_policies
-from tests.helpers import relative_error
+from tests.helpers import jit_error, relative_error
 
 TINY = WanConfig(dim=32, num_heads=2, num_layers=3, ffn_dim=64, text_dim=24, freq_dim=32,
                  text_len=16)
@@ -116,11 +116,7 @@ def test_blocks_see_compact_tiles(monkeypatch):
 
 
 def test_model_runs_under_jit():
-    model = _model(_pisa(0.5, dense_layers=1))
-    io = _inputs()
-    eager = model(**io)
-    jitted = nnx.jit(lambda m, io: m(**io))(model, io)
-    assert relative_error(jitted, eager) < 1e-5
+    assert jit_error(_model(_pisa(0.5, dense_layers=1)), _inputs()) < 1e-5
 
 
 def test_bad_model_inputs_are_named():
@@ -144,8 +140,10 @@ def test_schedule_is_shifted_towards_one():
     s = schedule(4, shift=3.0)
     np.testing.assert_allclose(s, [3 * x / (1 + 2 * x) for x in (1, 0.75, 0.5, 0.25, 0)],
                                rtol=1e-6)
-    with pytest.raises(ValueError, match="num_steps must be >= 1; got 0"):
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1; got 0"):
         schedule(0)
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1; got 2.5"):
+        schedule(2.5)
 
 
 def test_sampling_compiles_one_step_per_mode_and_guides(monkeypatch):
@@ -220,6 +218,19 @@ def test_denoise_refuses_text_batches_other_than_the_noise_batch():
         denoise(model, x, ctx, sig, negative_context=two)
 
 
+def test_denoise_refuses_schedules_without_a_step_and_bad_dense_steps():
+    model = _model((pnn.DENSE,) * 3)
+    io = _inputs(seed=7, b=1, f=1, h=4, w=4)
+    x, ctx = io["hidden_states"], io["encoder_hidden_states"]
+    for sig, shape in ((schedule(1)[:1], r"\[1\]"), (np.ones((2, 2), np.float32), r"\[2, 2\]")):
+        with pytest.raises(ValueError, match=r"sigmas must be 1D with at least 2 noise levels "
+                                             r"\(one step\); got shape " + shape):
+            denoise(model, x, ctx, sig)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"dense_steps must be an integer >= 0; got {bad}"):
+            denoise(model, x, ctx, schedule(1), dense_steps=bad)
+
+
 def test_float16_is_refused_and_precise_parameters_stay_float32():
     with pytest.raises(ValueError, match="dtype must be bfloat16 or float32 .*got float16"):
         Wan(TINY, rngs=nnx.Rngs(0), dtype=jnp.float16, policies=(pnn.DENSE,) * 3)
@@ -270,3 +281,11 @@ def test_benchmark_plan_counts_flops_and_starts_nothing(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "expected at 14b-720p (4 layers" in printed and "expected total" in printed
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flags", [["--all-tiles"], ["--tile-grid", "3,4,4"]])
+def test_benchmark_refuses_tile_flags_without_tiles(flags, tmp_path, capsys):
+    from benchmarks import wan as bench
+    with pytest.raises(SystemExit):
+        bench.main(["--plan", "--no-diffusers", "--out", str(tmp_path / "x"), *flags])
+    assert "apply to the tile errors: add --tiles" in capsys.readouterr().err

@@ -20,7 +20,6 @@ This file holds Wan's names and configs; the checks, streaming and atomic writin
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import re
 import sys
@@ -88,6 +87,16 @@ def _source_kind(src: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------ hyperparameters
+
+def _config(source: str, make) -> WanConfig:
+    """`make()`, with a config that does not check out reported against `source`."""
+    try:
+        return make()
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: not a valid Wan2.1 configuration ({e})") from None
+
 
 def config_from_diffusers(folder: str) -> WanConfig:
     c = read_json(os.path.join(folder, "config.json"))
@@ -159,21 +168,23 @@ def iter_converted(src: str, *, dtype=jnp.bfloat16, num_heads: int | None = None
     check_dtype(dtype)
     kind, path = _source_kind(src)
     if kind == "converted":
-        meta = read_json(os.path.join(path, "config.json"))
-        cfg = WanConfig(**{k: v for k, v in meta.items() if k not in ("format", "dtype")})
-        files = TensorFiles(sorted(glob.glob(os.path.join(path, "model-*.safetensors"))))
+        cfg_path = os.path.join(path, "config.json")
+        meta = read_json(cfg_path)
+        cfg = _config(cfg_path, lambda: WanConfig(
+            **{k: v for k, v in meta.items() if k not in ("format", "dtype")}))
+        files = TensorFiles(safetensors_files(path))
         return cfg, _plan(files, _recipe(files), cfg, dtype, same_layout)
     if kind == "official":
         single = os.path.isfile(path)
         files = TensorFiles([path] if single else safetensors_files(path), strip_prefix=PREFIX)
         meta = None if single else read_json(os.path.join(path, "config.json"))
         try:
-            cfg = config_from_official(files, meta, num_heads)
+            cfg = _config(path, lambda: config_from_official(files, meta, num_heads))
         except BaseException:
             files.close()
             raise
         return cfg, _plan(files, _recipe(files), cfg, dtype)
-    cfg = config_from_diffusers(path)
+    cfg = _config(os.path.join(path, "config.json"), lambda: config_from_diffusers(path))
     files = TensorFiles(safetensors_files(path))
     return cfg, _plan(files, _recipe(files, official_name), cfg, dtype)
 

@@ -11,8 +11,8 @@ the official Wan2.1 model and diffusers' pipeline do.
 from __future__ import annotations
 
 import functools
+import numbers
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -29,10 +29,12 @@ def schedule(num_steps: int, shift: float = 5.0) -> np.ndarray:
     """`num_steps + 1` noise levels (sigmas) from 1 to 0, float32.
 
     Uniform levels bent towards 1 by `shift`: `s -> shift * s / (1 + (shift - 1) * s)`
-    (`FLOW_SHIFT`). The model's timestep is `1000 * sigma`.
+    (`FLOW_SHIFT`). The model's timestep is `1000 * sigma`. Raises ValueError unless
+    `num_steps` is an integer >= 1 and `shift` is positive.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    if (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral)
+            or num_steps < 1):
+        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
     if not shift > 0:
         raise ValueError(f"shift must be positive; got {shift}")
     s = np.linspace(1.0, 0.0, num_steps + 1)
@@ -78,7 +80,8 @@ def denoise(model, noise: Float[Array, "b c f h w"], context: Float[Array, "b l 
       dense_steps: how many first steps attend densely in every layer.
       progress: optional callable `progress(step, num_steps)`.
     Raises ValueError if `context` or `negative_context` is not 3D, has more than
-    `text_len` tokens, or has a batch other than `noise`'s.
+    `text_len` tokens, or has a batch other than `noise`'s; if `sigmas` is not 1D with at
+    least 2 levels (one step); or if `dense_steps` is not an integer >= 0.
     """
     b, text_len = noise.shape[0], model.config.text_len
     guided = negative_context is not None
@@ -91,6 +94,12 @@ def denoise(model, noise: Float[Array, "b c f h w"], context: Float[Array, "b l 
         context = jnp.concatenate([context, pad_text(negative_context, text_len,
                                                      name="negative_context")])
     sigmas = np.asarray(sigmas, np.float32)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be 1D with at least 2 noise levels (one step); got "
+                         f"shape {list(sigmas.shape)}")
+    if (isinstance(dense_steps, bool) or not isinstance(dense_steps, numbers.Integral)
+            or dense_steps < 0):
+        raise ValueError(f"dense_steps must be an integer >= 0; got {dense_steps!r}")
     g = jnp.float32(guidance_scale)
     x = noise
     n = len(sigmas) - 1
