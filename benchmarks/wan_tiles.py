@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import pisa_jax as pj
+from models.embeddings import rope_angles
 from models.wan import DEFAULT_TILE, WanConfig
-from models.wan.layers import apply_rope, rope_angles
+from models.wan.layers import apply_rope
 from pisa_jax.metrics import relative_error as rel
 from pisa_jax.tokens import tile_order
 

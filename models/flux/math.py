@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-
-def rope(pos: jax.Array, dim: int, theta: int) -> jax.Array:
-    """`[..., L, dim/2, 2, 2]` rotation matrices for one position axis (float32)."""
-    freqs = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    ang = pos.astype(jnp.float32)[..., None] * freqs
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
-    return jnp.stack([cos, -sin, sin, cos], axis=-1).reshape(*ang.shape, 2, 2)
+from models.embeddings import rope_angles, sinusoidal_embedding
 
 
 def position_embedding(ids: jax.Array, axes_dim, theta: int) -> jax.Array:
-    """`[B, 1, L, D/2, 2, 2]` from ids `[B, L, n_axes]`, the axes' pairs concatenated."""
-    emb = jnp.concatenate([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], axis=-3)
-    return emb[:, None]
+    """`[B, 1, L, D/2, 2, 2]` rotation matrices from ids `[B, L, n_axes]` (float32)."""
+    ang = rope_angles(ids, axes_dim, theta)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    return jnp.stack([cos, -sin, sin, cos], axis=-1).reshape(*ang.shape, 2, 2)[:, None]
 
 
 def apply_rope(x: jax.Array, pe: jax.Array) -> jax.Array:
@@ -31,12 +24,8 @@ def apply_rope(x: jax.Array, pe: jax.Array) -> jax.Array:
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.0,
                        time_factor: float = 1000.0) -> jax.Array:
-    """Sinusoidal embedding of `time_factor * t`, cosines first (float32)."""
-    t = time_factor * t.astype(jnp.float32)
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t[:, None] * freqs[None]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    """Sinusoidal embedding of `time_factor * t` (FLUX takes times in [0, 1])."""
+    return sinusoidal_embedding(time_factor * t.astype(jnp.float32), dim, max_period)
 
 
 def attention(q, k, v, pe, attn, *, num_text_tokens: int, dense: bool) -> jax.Array:

@@ -44,27 +44,6 @@ def layer_norm(x: jax.Array, eps: float, weight=None, bias=None) -> jax.Array:
 
 # ------------------------------------------------------------------------------- math
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-    """`[B, dim]` float32 sinusoids of the timesteps `t` `[B]` (0-1000 scale), cosines first."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def rope_angles(positions: jax.Array, axes_dims, theta: float) -> jax.Array:
-    """`[L, D/2]` float32 rotation angles of tokens at integer `positions` `[L, 3]`.
-
-    Each axis (frame, height, width) rotates its own consecutive slice of the head dim's
-    pairs, `axes_dims[a] / 2` pairs with frequencies `theta^(-2i / axes_dims[a])`.
-    """
-    parts = []
-    for a, d in enumerate(axes_dims):
-        freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-        parts.append(positions[:, a, None].astype(jnp.float32) * freqs[None])
-    return jnp.concatenate(parts, axis=-1)
-
-
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates interleaved pairs (x0, x1) of `x` `[B, L, H, D]` by `[L, D/2]` angles, in float32."""
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)

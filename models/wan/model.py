@@ -11,9 +11,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from models.embeddings import rope_angles, sinusoidal_embedding
 from models.wan.config import DEFAULT_TILE, WanConfig
 from models.wan.layers import (PRECISE, Head, PatchEmbedding, WanAttentionBlock, _gelu,
-                               _linear, rope_angles, timestep_embedding)
+                               _linear)
 from pisa_jax.nn import DENSE, AttentionPolicy, layer_policies
 from pisa_jax.tokens import check_tile, tile_order
 
@@ -157,7 +158,7 @@ class Wan(nnx.Module):
         angles = rope_angles(jnp.asarray(positions, jnp.int32), c.rope_dims, c.theta)
         rope = (jnp.cos(angles), jnp.sin(angles))
 
-        t = timestep_embedding(timestep, c.freq_dim)
+        t = sinusoidal_embedding(timestep, c.freq_dim)
         e = self.time_embedding["2"](jax.nn.silu(self.time_embedding["0"](t)))
         e0 = self.time_projection["1"](jax.nn.silu(e)).reshape(b, 6, c.dim)
         dtype = self.text_embedding["0"].kernel.dtype
