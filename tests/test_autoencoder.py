@@ -169,3 +169,16 @@ def test_config_refuses_what_is_not_implemented():
         AutoEncoderConfig(block_out_channels=(8, 12), norm_num_groups=8)
     assert AutoEncoderConfig.from_diffusers(cfg).downsample_factor == 4
     assert FLUX_AE.downsample_factor == 8
+
+
+def test_single_file_without_a_fitting_config_names_the_file():
+    # The tiny file's channels are not multiples of FLUX's 32 GroupNorm groups.
+    with pytest.raises(CheckpointError, match=r"ae\.safetensors: the channels in the file do "
+                                              r"not fit the config \(pass config="):
+        load_autoencoder(SINGLE)
+
+
+@pytest.mark.parametrize("dtype,message", [("foo", "got 'foo'"), (jnp.int32, "got int32")])
+def test_load_refuses_a_dtype_that_is_not_floating(dtype, message):
+    with pytest.raises(TypeError, match=r"dtype must be a floating dtype.*" + message):
+        load_autoencoder(VAE, dtype=dtype)

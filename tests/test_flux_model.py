@@ -194,6 +194,38 @@ def test_schedule_runs_from_one_to_zero_and_shift_bends_it_towards_one():
         schedule(0, 16)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 4, 2), (1, 4, 5, 2), (4, 4, 2), (1, 0, 4, 2)])
+def test_pack_latents_refuses_odd_or_malformed_latents(shape):
+    from models.flux.sampling import pack_latents
+    with pytest.raises(ValueError, match=r"z must be \[B, h, w, C\].*got shape"):
+        pack_latents(jnp.ones(shape))
+
+
+@pytest.mark.parametrize("shape,h,w,message", [
+    ((1, 5, 8), 4, 6, r"x must be \[B, 6, 4C\] for h=4, w=6; got shape \[1, 5, 8\]"),
+    ((1, 6, 6), 4, 6, r"got shape \[1, 6, 6\]"),
+    ((6, 8), 4, 6, r"got shape \[6, 8\]"),
+    ((1, 6, 8), 3, 6, r"h and w must be even positive ints; got h=3, w=6"),
+    ((1, 6, 8), 4.0, 6, r"got h=4.0"),
+])
+def test_unpack_latents_refuses_a_mismatched_grid(shape, h, w, message):
+    from models.flux.sampling import unpack_latents
+    with pytest.raises(ValueError, match=message):
+        unpack_latents(jnp.ones(shape), h, w)
+
+
+def test_euler_loop_refuses_malformed_sigmas_and_dense_steps():
+    from models.flux.sampling import euler_loop
+    img = jnp.ones((1, 4, 8))
+    velocity = lambda x, t, dense: x
+    with pytest.raises(ValueError, match=r"sigmas must be 1-D .*got shape \[1\]"):
+        euler_loop(velocity, img, jnp.ones((1,)))
+    with pytest.raises(ValueError, match=r"sigmas must be 1-D .*got shape \[2, 3\]"):
+        euler_loop(velocity, img, jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"dense_steps must be in \[0, 2\].*got 3"):
+        euler_loop(velocity, img, jnp.asarray([1.0, 0.5, 0.0]), dense_steps=3)
+
+
 def test_denoise_dense_steps_switch_attention_per_step():
     from models.flux.sampling import denoise, schedule
     io = _inputs(seed=5)
@@ -209,6 +241,10 @@ def test_denoise_dense_steps_switch_attention_per_step():
                                atol=1e-5)
     some_sparse = denoise(pisa, *args, guidance=3.5, dense_steps=1)
     assert relative_error(some_sparse, all_dense) > 1e-5
+    with pytest.raises(ValueError, match=r"dense_steps must be in \[0, 3\].*got 4"):
+        denoise(pisa, *args, guidance=3.5, dense_steps=4)
+    with pytest.raises(ValueError, match=r"times must be 1-D .*got shape \[1\]"):
+        denoise(pisa, *args[:-1], times[:1], guidance=3.5)
 
 
 def test_pisa_jax_convert_command_runs_the_converter(tmp_path):

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from models.checkpoint import (CheckpointError, TensorFiles, fill_model, flat_params,
-                               read_json, safetensors_files)
+from models.checkpoint import (CheckpointError, TensorFiles, _listing, fill_model,
+                               flat_params, read_json, safetensors_files)
 from models.flux.autoencoder_layers import Decoder, Encoder
+from models.flux.model import check_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,8 @@ class AutoEncoder(nnx.Module):
     `dtype` is the parameter and compute dtype (GroupNorm statistics and the attention
     softmax are float32 regardless). `attention_chunk` is the number of query positions
     the mid-block attention takes per step; None picks it so that at most 2^26 scores
-    are held at once (exact softmax either way).
+    are held at once (exact softmax either way). Raises TypeError for a `dtype` that is
+    not a floating dtype.
     """
 
     def __init__(self, config: AutoEncoderConfig = FLUX_AE, *, rngs: nnx.Rngs,
@@ -119,6 +121,7 @@ class AutoEncoder(nnx.Module):
                                             or attention_chunk < 1):
             raise ValueError(f"attention_chunk must be a positive int or None; got "
                              f"{attention_chunk!r}")
+        dtype = check_dtype(dtype)
         self.config = config
         self.encoder = Encoder(config, rngs=rngs, dtype=dtype, chunk=attention_chunk)
         self.decoder = Decoder(config, rngs=rngs, dtype=dtype, chunk=attention_chunk)
@@ -252,14 +255,18 @@ def config_from_single_file(path: str, base: AutoEncoderConfig = FLUX_AE
         absent = [n for n in conv1 if n not in names]
         if absent:
             raise CheckpointError(f"{path}: missing tensors {absent}")
-        return dataclasses.replace(
-            base,
-            in_channels=files.shape("encoder.conv_in.weight")[1],
-            out_channels=files.shape("decoder.conv_out.weight")[0],
-            block_out_channels=tuple(files.shape(n)[0] for n in conv1),
-            layers_per_block=len({n.split(".")[4] for n in names
-                                  if n.startswith("encoder.down.0.block.")}),
-            latent_channels=files.shape("decoder.conv_in.weight")[1])
+        try:
+            return dataclasses.replace(
+                base,
+                in_channels=files.shape("encoder.conv_in.weight")[1],
+                out_channels=files.shape("decoder.conv_out.weight")[0],
+                block_out_channels=tuple(files.shape(n)[0] for n in conv1),
+                layers_per_block=len({n.split(".")[4] for n in names
+                                      if n.startswith("encoder.down.0.block.")}),
+                latent_channels=files.shape("decoder.conv_in.weight")[1])
+        except ValueError as e:     # e.g. channels FLUX's 32 GroupNorm groups do not divide
+            raise CheckpointError(f"{path}: the channels in the file do not fit the config "
+                                  f"(pass config= with the file's settings): {e}") from None
 
 
 def _open_source(path: str, config: AutoEncoderConfig | None):
@@ -317,7 +324,7 @@ def load_autoencoder(path: str, *, dtype=jnp.bfloat16, config: AutoEncoderConfig
         if missing or unexpected:
             raise CheckpointError(
                 f"{where}: does not match the autoencoder {cfg}: " + "; ".join(
-                    f"{what} tensors {ns[:20]}{' ...' if len(ns) > 20 else ''}"
+                    f"{what} tensors {_listing(ns)}"
                     for what, ns in (("missing", missing), ("unexpected", unexpected)) if ns))
         for src, kind, shape in plan.values():
             allowed = _source_shapes(shape, kind)

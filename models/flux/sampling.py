@@ -59,6 +59,9 @@ def euler_loop(velocity: Callable, img: Float[Array, "b l c"], sigmas: Float[Arr
     called inside the loop with the index of the step just done (e.g. through
     `jax.debug.callback`).
     """
+    if jnp.ndim(sigmas) != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 values (steps + 1); got shape "
+                         f"{list(jnp.shape(sigmas))}")
     n = sigmas.shape[0] - 1
     if not 0 <= dense_steps <= n:
         raise ValueError(f"dense_steps must be in [0, {n}] (the number of steps); got "
@@ -85,14 +88,30 @@ def euler_loop(velocity: Callable, img: Float[Array, "b l c"], sigmas: Float[Arr
 
 def pack_latents(z: Float[Array, "b h w c"]) -> Float[Array, "b l c4"]:
     """`[B, h, w, C]` (channels last) -> `[B, (h/2)(w/2), 4C]`, diffusers' and BFL's
-    packing: each token is a 2x2 patch, features ordered (channel, dy, dx)."""
+    packing: each token is a 2x2 patch, features ordered (channel, dy, dx).
+
+    Raises `ValueError` unless `z` is 4-D with even, non-zero h and w.
+    """
+    if jnp.ndim(z) != 4 or z.shape[1] % 2 or z.shape[2] % 2 or 0 in z.shape[1:3]:
+        raise ValueError(f"z must be [B, h, w, C] (channels last) with h and w even and "
+                         f"non-zero; got shape {list(jnp.shape(z))}")
     b, h, w, c = z.shape
     z = z.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
     return z.reshape(b, (h // 2) * (w // 2), 4 * c)
 
 
 def unpack_latents(x: Float[Array, "b l c4"], h: int, w: int) -> Float[Array, "b h w c"]:
-    """Inverse of `pack_latents`: `[B, (h/2)(w/2), 4C]` -> `[B, h, w, C]`."""
+    """Inverse of `pack_latents`: `[B, (h/2)(w/2), 4C]` -> `[B, h, w, C]`.
+
+    Raises `ValueError` unless h and w are even and positive, `x` is 3-D with
+    `(h/2)(w/2)` tokens and its feature count a multiple of 4.
+    """
+    if not (isinstance(h, (int, np.integer)) and isinstance(w, (int, np.integer)) and h > 0 and w > 0
+            and h % 2 == 0 and w % 2 == 0):
+        raise ValueError(f"h and w must be even positive ints; got h={h!r}, w={w!r}")
+    if jnp.ndim(x) != 3 or x.shape[1] != (h // 2) * (w // 2) or x.shape[2] % 4:
+        raise ValueError(f"x must be [B, {(h // 2) * (w // 2)}, 4C] for h={h}, w={w}; got "
+                         f"shape {list(jnp.shape(x))}")
     b, _, c4 = x.shape
     x = x.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, h, w, c4 // 4)
@@ -122,15 +141,24 @@ def denoise(model, img, img_ids, txt, txt_ids, y, times, *, guidance=None,
       dense_steps: how many first steps attend densely in every layer.
       progress: optional callable `progress(step, num_steps)`, called after each step.
 
+    Raises `ValueError` for `times` that is not 1-D with at least 2 values, or
+    `dense_steps` outside [0, number of steps].
+
     The step function is compiled once per shape and reused across calls; for a loop
     compiled as a whole, use `models.flux.FluxPipeline` or `euler_loop`.
     """
-    b = img.shape[0]
-    if guidance is not None:
-        guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
-    img = jnp.asarray(img, jnp.float32)
     times = np.asarray(times, np.float32)
     n = len(times) - 1
+    if times.ndim != 1 or n < 1:
+        raise ValueError(f"times must be 1-D with at least 2 values (steps + 1); got shape "
+                         f"{list(times.shape)}")
+    if not 0 <= dense_steps <= n:
+        raise ValueError(f"dense_steps must be in [0, {n}] (the number of steps); got "
+                         f"{dense_steps}")
+    if guidance is not None:        # the model checks it is a number or [B]
+        guidance = jnp.asarray(guidance, jnp.float32)
+    img = jnp.asarray(img, jnp.float32)
+    b = img.shape[0]
     for i in range(n):
         t = jnp.full((b,), times[i], jnp.float32)
         img = _step(model, img, img_ids, txt, txt_ids, t, y, guidance,

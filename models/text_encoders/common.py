@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.checkpoint import (CheckpointError, TensorFiles, fill_model, read_json,
-                               safetensors_files)
+from models.checkpoint import (CheckpointError, TensorFiles, _listing, fill_model,
+                               flat_params, read_json, safetensors_files)
 
 
 def linear(cin: int, cout: int, rngs, dtype, bias: bool = True) -> nnx.Linear:
@@ -81,10 +81,9 @@ def load_params(folder: str, config_from_hf: Callable, model_cls, *, dtype,
         raise CheckpointError(f"{config_path}: {e}") from None
     abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype))
     expected = {}                   # checkpoint name -> (Flax name, checkpoint shape)
-    for path, value in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        flax_name = ".".join(map(str, path))
+    for flax_name, value in flat_params(abstract).items():
         shape = tuple(value.shape)
-        if path[-1] == "kernel":    # torch Linear stores [out, in]
+        if flax_name.endswith(".kernel"):    # torch Linear stores [out, in]
             expected[flax_name[:-len("kernel")] + "weight"] = (flax_name, shape[::-1])
         else:
             expected[flax_name] = (flax_name, shape)
@@ -103,8 +102,7 @@ def load_params(folder: str, config_from_hf: Callable, model_cls, *, dtype,
             source[target] = name
         missing = sorted(set(expected) - set(source))
         if missing:
-            raise CheckpointError(f"{folder}: missing tensors {missing[:20]}"
-                                  f"{' ...' if len(missing) > 20 else ''}")
+            raise CheckpointError(f"{folder}: missing tensors {_listing(missing)}")
         for target, name in source.items():
             if files.shape(name) != expected[target][1]:
                 raise CheckpointError(f"{folder}: tensor {name!r} has shape "
