@@ -15,6 +15,6 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-from pisa_jax.nn import Attention, AttentionPolicy, layer_policies  # noqa: E402
+from pisa_jax.nn import Attention, AttentionPolicy, layer_policies, model_policies  # noqa: E402
 
-__all__ += ["Attention", "AttentionPolicy", "layer_policies"]
+__all__ += ["Attention", "AttentionPolicy", "layer_policies", "model_policies"]

@@ -90,6 +90,26 @@ def layer_policies(num_layers: int, *, dense_layers: int = 4, **pisa_options) ->
     return tuple(DENSE if i < dense_layers else pisa for i in range(num_layers))
 
 
+def model_policies(num_layers: int, attention: str = "pisa", **options) -> tuple:
+    """One policy per attention layer of a model, from its `attention` setting.
+
+    "pisa": `layer_policies` (the published setting: the first 4 layers dense, fewer when
+    the model has fewer layers, then PISA with `options` as there). "dense": every layer
+    dense; options are refused since they would do nothing. Raises ValueError for another
+    `attention`.
+    """
+    if attention == "dense":
+        if options:
+            raise ValueError(f"attention='dense' takes no PISA options (they would do "
+                             f"nothing); got {sorted(options)}")
+        return (DENSE,) * num_layers
+    if attention != "pisa":
+        raise ValueError(f"attention must be 'pisa' or 'dense'; got {attention!r}")
+    if isinstance(num_layers, numbers.Integral) and not isinstance(num_layers, bool):
+        options = {"dense_layers": min(4, num_layers)} | options
+    return layer_policies(num_layers, **options)
+
+
 class Attention(nnx.Module):
     """Parameter-free attention op of one layer, following its `AttentionPolicy`.
 

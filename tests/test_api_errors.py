@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import pisa_jax as pj
+from pisa_jax import nn as pnn
 
 
 def _qkv(shape=(1, 100, 2, 16), dtype=jnp.float32):
@@ -241,3 +242,16 @@ def test_attention_module_checks_its_call_options():
         attn(q, k, v, num_text_tokens=-3)
     with pytest.raises(TypeError, match="dense must be True or False; got 'no'"):
         attn(q, k, v, dense="no")
+
+
+def test_model_policies_follow_the_attention_setting_and_refuse_idle_options():
+    assert pj.model_policies(6, "dense") == (pnn.DENSE,) * 6
+    kinds = [p.kind for p in pj.model_policies(6, density=0.3)]
+    assert kinds == ["dense"] * 4 + ["pisa"] * 2                      # the published setting
+    assert all(p.density == 0.3 for p in pj.model_policies(6, density=0.3)[4:])
+    assert pj.model_policies(3) == (pnn.DENSE,) * 3                   # fewer layers: all dense
+    assert [p.kind for p in pj.model_policies(3, dense_layers=1)] == ["dense", "pisa", "pisa"]
+    with pytest.raises(ValueError, match=r"attention='dense' takes no PISA options.*density"):
+        pj.model_policies(6, "dense", density=0.3)
+    with pytest.raises(ValueError, match="attention must be 'pisa' or 'dense'; got 'sparse'"):
+        pj.model_policies(6, "sparse")

@@ -13,22 +13,15 @@ from jaxtyping import Array, Float
 from models.flux.config import FluxConfig
 from models.flux.layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
 from models.flux.math import position_embedding, timestep_embedding
-from pisa_jax.nn import DENSE, AttentionPolicy, layer_policies
+from pisa_jax.nn import AttentionPolicy, model_policies
 from pisa_jax.tokens import tile_major_permutation
 
 
 def default_policies(config: FluxConfig, attention: str = "pisa", **options) -> tuple:
-    """Per-layer policies: "pisa" is the published setting (first 4 layers dense, then
-    density 0.15 with biased selection, `options` as in `pisa_jax.layer_policies`);
-    "dense" makes every layer dense and takes no options (they would do nothing)."""
-    if attention == "dense":
-        if options:
-            raise ValueError(f"attention='dense' takes no PISA options (they would do "
-                             f"nothing); got {sorted(options)}")
-        return (DENSE,) * config.num_attention_layers
-    if attention != "pisa":
-        raise ValueError(f"attention must be 'pisa' or 'dense'; got {attention!r}")
-    return layer_policies(config.num_attention_layers, **options)
+    """Per-layer policies (`pisa_jax.model_policies`): "pisa" is the published setting
+    (first 4 layers dense, then density 0.15 with biased selection, `options` as in
+    `pisa_jax.layer_policies`); "dense" makes every layer dense and takes no options."""
+    return model_policies(config.num_attention_layers, attention, **options)
 
 
 def check_dtype(dtype):

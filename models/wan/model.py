@@ -15,7 +15,7 @@ from models.embeddings import rope_angles, sinusoidal_embedding
 from models.wan.config import DEFAULT_TILE, WanConfig
 from models.wan.layers import (PRECISE, Head, PatchEmbedding, WanAttentionBlock, _gelu,
                                _linear)
-from pisa_jax.nn import DENSE, AttentionPolicy, layer_policies
+from pisa_jax.nn import AttentionPolicy, model_policies
 from pisa_jax.tokens import check_tile, tile_order
 
 # Tile of one block per block size; 128-token blocks take two 64-token tiles side by side.
@@ -23,21 +23,10 @@ DEFAULT_TILES = {64: DEFAULT_TILE, 128: DEFAULT_TILE[:2] + (2 * DEFAULT_TILE[2],
 
 
 def default_policies(config: WanConfig, attention: str = "pisa", **options) -> tuple:
-    """Per-layer self-attention policies: "pisa" is the published setting (first 4 layers
-    dense, then density 0.15 with biased selection; a model with fewer layers is all
-    dense unless `dense_layers` says otherwise; `options` as in `pisa_jax.layer_policies`);
-    "dense" makes every layer dense and takes no options (they would do nothing).
-
-    Raises ValueError for another `attention` or for options given with "dense"."""
-    n = config.num_attention_layers
-    if attention == "dense":
-        if options:
-            raise ValueError(f"attention='dense' takes no PISA options (they would do "
-                             f"nothing); got {sorted(options)}")
-        return (DENSE,) * n
-    if attention != "pisa":
-        raise ValueError(f"attention must be 'pisa' or 'dense'; got {attention!r}")
-    return layer_policies(n, **({"dense_layers": min(4, n)} | options))
+    """Per-layer policies (`pisa_jax.model_policies`): "pisa" is the published setting
+    (first 4 layers dense, then density 0.15 with biased selection, `options` as in
+    `pisa_jax.layer_policies`); "dense" makes every layer dense and takes no options."""
+    return model_policies(config.num_attention_layers, attention, **options)
 
 
 def check_dtype(dtype) -> jnp.dtype:
