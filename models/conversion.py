@@ -162,3 +162,14 @@ def run_conversion(convert: Callable[[], object], out: str) -> int:
         print(f"error: {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
+
+
+def checked_config(source: str, make: Callable, model: str):
+    """`make()` (a config constructor); a config that does not check out (TypeError or
+    ValueError) is reported as a `CheckpointError` against `source`, naming the `model`."""
+    try:
+        return make()
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: not a valid {model} configuration ({e})") from None

@@ -30,8 +30,9 @@ from flax import nnx
 
 from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles, fill_model,
                                flat_params, read_json, safetensors_files)
-from models.conversion import (add_conversion_arguments, locate_checkpoint, plan_stream,
-                               run_conversion, same_layout, torch_layout, write_converted)
+from models.conversion import (add_conversion_arguments, checked_config, locate_checkpoint,
+                               plan_stream, run_conversion, same_layout, torch_layout,
+                               write_converted)
 from models.flux.config import FluxConfig
 from models.flux.model import Flux, check_dtype, default_policies
 from pisa_jax.cli import comma_list
@@ -53,13 +54,7 @@ def _source_kind(src: str) -> tuple[str, str]:
 # ------------------------------------------------------------------ hyperparameters
 
 def _config(source: str, make) -> FluxConfig:
-    """`make()`, with a config that does not check out reported against `source`."""
-    try:
-        return make()
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{source}: not a valid FLUX configuration ({e})") from None
+    return checked_config(source, make, "FLUX")
 
 
 def config_from_diffusers(folder: str, axes_dim=None) -> FluxConfig:

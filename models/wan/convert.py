@@ -32,7 +32,8 @@ from flax import nnx
 
 from models.checkpoint import (DTYPES, CheckpointError, TensorDict, TensorFiles, fill_model,
                                flat_params, read_json, safetensors_files)
-from models.conversion import (Recipe, add_conversion_arguments, locate_checkpoint,
+from models.conversion import (Recipe, add_conversion_arguments, checked_config,
+                               locate_checkpoint,
                                plan_stream, run_conversion, same_layout, torch_layout,
                                write_converted)
 from models.wan.config import WanConfig
@@ -89,13 +90,7 @@ def _source_kind(src: str) -> tuple[str, str]:
 # ------------------------------------------------------------------ hyperparameters
 
 def _config(source: str, make) -> WanConfig:
-    """`make()`, with a config that does not check out reported against `source`."""
-    try:
-        return make()
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{source}: not a valid Wan2.1 configuration ({e})") from None
+    return checked_config(source, make, "Wan2.1")
 
 
 def config_from_diffusers(folder: str) -> WanConfig:
