@@ -64,7 +64,9 @@ def same_layout(flax_path: str, ndim: int) -> tuple[str, None]:
 
 
 def plan_stream(files, expected: dict[str, jax.ShapeDtypeStruct], recipe: Recipe, *,
-                dtype=None, model: str, source_name: Callable = torch_layout) -> TensorStream:
+                dtype=None, model: str, source_name: Callable = torch_layout,
+                ignore: Callable[[str], bool] = lambda name: False, where: str = "",
+                squeeze: bool = False) -> TensorStream:
     """A `(Flax path, array)` stream that converts the tensors of `files` (`TensorFiles` or
     `TensorDict`) for a model whose parameters are `expected` (`flat_params`).
 
@@ -72,12 +74,16 @@ def plan_stream(files, expected: dict[str, jax.ShapeDtypeStruct], recipe: Recipe
     tensor is transposed with (None: as is); `recipe` gives the source tensors that name
     is made of and how to combine them (several are stacked along their first axis, e.g.
     q, k, v into one qkv). Arrays are cast to `dtype`, or with `dtype=None` each to its
-    parameter's own dtype (a model that keeps some parameters in float32).
+    parameter's own dtype (a model that keeps some parameters in float32). Tensors of
+    `files` for which `ignore(name)` is true (buffers, tied copies) are neither read nor
+    reported as unexpected. With `squeeze`, a source tensor may have extra trailing
+    size-1 axes (a 1x1 convolution standing for a linear layer); they are dropped.
 
     Raises `CheckpointError` before anything is read when names or shapes do not match:
     the missing and unexpected tensors (`model` names the model in the message), or the
-    first tensor whose shape is not the model's (in the checkpoint's layout). `files` is
-    closed on that error and when the stream is exhausted or closed.
+    first tensor whose shape is not the model's (in the checkpoint's layout); messages
+    start with `where: ` when `where` (the file or folder) is given. `files` is closed on
+    that error and when the stream is exhausted or closed.
     """
     try:
         plan, missing = {}, []
@@ -89,10 +95,12 @@ def plan_stream(files, expected: dict[str, jax.ShapeDtypeStruct], recipe: Recipe
             plan[flax_path] = (name, recipe[name], axes, tuple(value.shape),
                                value.dtype if dtype is None else dtype)
         needed = {n for _, (names, _), _, _, _ in plan.values() for n in names}
-        absent, unexpected = sorted(needed - files.names()), sorted(files.names() - needed)
+        present = {n for n in files.names() if n in needed or not ignore(n)}
+        absent, unexpected = sorted(needed - present), sorted(present - needed)
+        prefix = f"{where}: " if where else ""
         if missing or absent or unexpected:
             raise CheckpointError(
-                f"checkpoint does not match the {model} model inferred from it: "
+                f"{prefix}checkpoint does not match the {model} model inferred from it: "
                 + "; ".join(f"{what}: {_listing(names)}"
                             for what, names in (("missing", sorted(missing) + absent),
                                                 ("unexpected", unexpected)) if names))
@@ -100,18 +108,22 @@ def plan_stream(files, expected: dict[str, jax.ShapeDtypeStruct], recipe: Recipe
             got = [files.shape(n) for n in names]
             stacked = got[0] if len(got) == 1 else (sum(s[0] for s in got),) + got[0][1:]
             want = shape if axes is None else tuple(shape[axes.index(i)] for i in range(len(axes)))
-            if stacked != want:
+            extra = stacked[len(want):] if squeeze else ()
+            if stacked[:len(stacked) - len(extra)] != want or any(d != 1 for d in extra):
                 raise CheckpointError(
-                    f"tensor {names if len(names) > 1 else names[0]} has shape "
+                    f"{prefix}tensor {names if len(names) > 1 else names[0]} has shape "
                     f"{got if len(got) > 1 else got[0]}; the model expects {want}"
+                    + (" (trailing size-1 axes allowed)" if squeeze else "")
                     + ("" if names == [name] else f" for {name}"))
     except BaseException:
         files.close()
         raise
 
     def stream():
-        for flax_path, (_, (names, combine), axes, _, to) in plan.items():
+        for flax_path, (_, (names, combine), axes, shape, to) in plan.items():
             x = combine(*(files.get(n) for n in names))
+            if squeeze and x.ndim > len(shape):
+                x = x.reshape(x.shape[:len(shape)])
             yield flax_path, (x if axes is None else jnp.transpose(x, axes)).astype(to)
 
     return TensorStream(files, stream())

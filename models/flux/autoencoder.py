@@ -18,13 +18,13 @@ import dataclasses
 import os
 import re
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from models.checkpoint import (CheckpointError, TensorFiles, _listing, fill_model,
-                               flat_params, read_json, safetensors_files)
+from models.checkpoint import (CheckpointError, TensorFiles, fill_model, flat_params,
+                               read_json, safetensors_files)
+from models.conversion import plan_stream, torch_layout
 from models.flux.autoencoder_layers import Decoder, Encoder
 from models.flux.model import check_dtype
 
@@ -202,28 +202,10 @@ def bfl_to_diffusers_name(name: str, levels: int) -> str:
     return f"{part}.{rest}"
 
 
-def _source_name(flax_path: str) -> tuple[str, str]:
-    """(single-file name, kind): kind is 'conv', 'linear' or 'vector'."""
-    stem, leaf = flax_path.rsplit(".", 1)
-    if leaf == "kernel":
-        return stem + ".weight", ("linear" if re.search(r"attn_1\.\w+$", stem) else "conv")
-    return stem + (".weight" if leaf == "scale" else "." + leaf), "vector"
-
-
-def _source_shapes(shape: tuple, kind: str) -> list[tuple]:
-    if kind == "conv":                        # NNX [kh, kw, in, out] <- [out, in, kh, kw]
-        return [(shape[3], shape[2], shape[0], shape[1])]
-    if kind == "linear":                      # [in, out] <- [out, in] or 1x1 conv
-        return [(shape[1], shape[0]), (shape[1], shape[0], 1, 1)]
-    return [tuple(shape)]
-
-
-def _to_flax(x: jax.Array, kind: str, shape: tuple) -> jax.Array:
-    if kind == "conv":
-        return x.transpose(2, 3, 1, 0)
-    if kind == "linear":
-        return x.reshape(shape[1], shape[0]).T
-    return x
+def _single_file_layout(flax_path: str, ndim: int) -> tuple[str, tuple[int, ...] | None]:
+    """(single-file name, axes): PyTorch's layout, GroupNorm's `scale` named `weight`."""
+    name, axes = torch_layout(flax_path, ndim)
+    return (name[:-len("scale")] + "weight" if name.endswith(".scale") else name), axes
 
 
 def _open_single_file(path: str) -> TensorFiles:
@@ -314,26 +296,16 @@ def load_autoencoder(path: str, *, dtype=jnp.bfloat16, config: AutoEncoderConfig
     with files:
         abstract = nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype,
                                                       attention_chunk=attention_chunk))
-        plan = {}
-        for flax_path, value in flat_params(abstract).items():
-            name, kind = _source_name(flax_path)
-            plan[flax_path] = (to_source(name), kind, tuple(value.shape))
-        names = files.names()
-        needed = {src for src, _, _ in plan.values()}
-        missing, unexpected = sorted(needed - names), sorted(names - needed)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{where}: does not match the autoencoder {cfg}: " + "; ".join(
-                    f"{what} tensors {_listing(ns)}"
-                    for what, ns in (("missing", missing), ("unexpected", unexpected)) if ns))
-        for src, kind, shape in plan.values():
-            allowed = _source_shapes(shape, kind)
-            if files.shape(src) not in allowed:
-                raise CheckpointError(f"{where}: tensor {src!r} has shape {files.shape(src)}; "
-                                      f"expected {' or '.join(map(str, allowed))}")
+        expected = flat_params(abstract)
 
-        def stream():
-            for flax_path, (src, kind, shape) in plan.items():
-                yield flax_path, _to_flax(files.get(src), kind, shape).astype(dtype)
+        def source_name(flax_path: str, ndim: int):
+            name, axes = _single_file_layout(flax_path, ndim)
+            return to_source(name), axes
 
-        return fill_model(abstract, stream())
+        # Every parameter is one tensor; attention q/k/v/proj_out may be stored as a
+        # Linear [out, in] (diffusers) or a 1x1 conv [out, in, 1, 1] (single file).
+        names = {source_name(p, len(v.shape))[0] for p, v in expected.items()}
+        recipe = {name: ([name], lambda x: x) for name in names}
+        tensors = plan_stream(files, expected, recipe, model=f"autoencoder ({cfg})",
+                              source_name=source_name, where=where, squeeze=True)
+        return fill_model(abstract, tensors)

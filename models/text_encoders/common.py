@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.checkpoint import (CheckpointError, TensorFiles, _listing, fill_model,
-                               flat_params, read_json, safetensors_files)
+from models.checkpoint import (CheckpointError, TensorFiles, fill_model, flat_params,
+                               read_json, safetensors_files)
+from models.conversion import plan_stream, torch_layout
 
 
 def linear(cin: int, cout: int, rngs, dtype, bias: bool = True) -> nnx.Linear:
@@ -80,38 +81,18 @@ def load_params(folder: str, config_from_hf: Callable, model_cls, *, dtype,
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path}: {e}") from None
     abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype))
-    expected = {}                   # checkpoint name -> (Flax name, checkpoint shape)
-    for flax_name, value in flat_params(abstract).items():
-        shape = tuple(value.shape)
-        if flax_name.endswith(".kernel"):    # torch Linear stores [out, in]
-            expected[flax_name[:-len("kernel")] + "weight"] = (flax_name, shape[::-1])
-        else:
-            expected[flax_name] = (flax_name, shape)
+    expected = flat_params(abstract)
     aliases = aliases or {}
-    with TensorFiles(safetensors_files(folder), strip_prefix=strip_prefix) as files:
-        source = {}                 # checkpoint name the model wants -> name in the files
-        for name in sorted(files.names()):
-            if ignore(name):
-                continue
-            target = aliases.get(name, name)
-            if target != name and target in files.names():
-                continue            # a tied copy of a tensor that is there
-            if target not in expected:
-                raise CheckpointError(f"{folder}: unexpected tensor {name!r}: the model has "
-                                      "no such parameter")
-            source[target] = name
-        missing = sorted(set(expected) - set(source))
-        if missing:
-            raise CheckpointError(f"{folder}: missing tensors {_listing(missing)}")
-        for target, name in source.items():
-            if files.shape(name) != expected[target][1]:
-                raise CheckpointError(f"{folder}: tensor {name!r} has shape "
-                                      f"{files.shape(name)}; expected {expected[target][1]}")
-
-        def stream():
-            for target, name in source.items():
-                flax_name = expected[target][0]
-                x = files.get(name)
-                yield flax_name, (x.T if flax_name.endswith(".kernel") else x)
-
-        return fill_model(abstract, stream(), dtype=dtype)
+    files = TensorFiles(safetensors_files(folder), strip_prefix=strip_prefix)
+    present = files.names()
+    # A tied copy stands in for its original only when the original is absent.
+    stand_in = {target: copy for copy, target in aliases.items()
+                if copy in present and target not in present}
+    recipe = {}
+    for flax_name, value in expected.items():
+        name = torch_layout(flax_name, len(value.shape))[0]
+        recipe[name] = ([stand_in.get(name, name)], lambda x: x)
+    skip = lambda name: ignore(name) or (name in aliases and name not in stand_in.values())
+    with plan_stream(files, expected, recipe, model=model_cls.__name__, where=folder,
+                     ignore=skip) as tensors:
+        return fill_model(abstract, tensors)
