@@ -296,6 +296,11 @@ def main(argv=None):
                                                       devices=jax.devices()[:2])
             r, _ = ours_end_to_end(pipe_n, [PROMPT] * 2, size, steps, 0, lat, max_len)
             rate[f"{n}_devices_images_per_s"] = 2 / r["second_call_s"]
+            rate[f"{n}_devices_stages_s"] = {k: r[f"{k}_s"] for k in
+                                             ("second_call", "text_encoding", "denoising",
+                                              "decoding")}
+            print(f"{n} device(s), batch 2: {rate[f'{n}_devices_images_per_s']:.3f} "
+                  f"images/s", flush=True)
         rate["scaling"] = rate["2_devices_images_per_s"] / rate["1_devices_images_per_s"]
         results["multi_device"] = {"size": size, "batch": 2, **rate}
         save()

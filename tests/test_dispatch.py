@@ -129,6 +129,23 @@ def test_auto_per_shape_once_mosaic_is_validated(hopper):
     # Stages without an attention (statistics, selection) run Triton's kernels.
     assert resolve("auto", None, dtype=jnp.dtype(jnp.bfloat16))[0].name == "triton"
     assert resolve("auto", None)[0].top_k_kernel
+    # Several GPUs in the process, or a mesh around the call: Triton (where the Mosaic
+    # kernel is untested or XLA refuses it).
+    hopper.setattr(dispatch, "gpu_count", lambda: 2)
+    assert {_choice(t=t) for t in (4608, 32768)} == {"triton"}
+    hopper.setattr(dispatch, "gpu_count", lambda: 1)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+    seen = []
+
+    def traced(x):
+        seen.append(_choice())
+        return x
+    spec = jax.sharding.PartitionSpec("batch")
+    jax.jit(jax.shard_map(traced, mesh=mesh, in_specs=spec, out_specs=spec))(jnp.ones(2))
+    with jax.set_mesh(mesh):
+        jax.jit(traced)(jnp.ones(2))
+    jax.jit(traced)(jnp.ones(2))
+    assert seen == ["triton", "triton", "mosaic"]
     # A GPU that is not a Hopper: no Mosaic, no error.
     hopper.setattr(dispatch, "compute_capability", lambda: "8.0")
     assert _choice() == "triton"

@@ -53,7 +53,12 @@ TWO_DEVICES = textwrap.dedent(f"""
     one = FluxPipeline.from_pretrained({folder('dev')!r}, dtype=jnp.float32,
                                        devices=jax.devices()[:1])
     two = FluxPipeline.from_pretrained({folder('dev')!r}, dtype=jnp.float32)
-    a, b = one(prompts, seed=3, **kw).images, two(prompts, seed=3, **kw).images  # 3 -> 4
+    calls, steps, on_step = [], [], two._on_step
+    two._on_step = lambda i: (calls.append(int(i)), on_step(i))   # before the trace
+    a = one(prompts, seed=3, **kw).images
+    b = two(prompts, seed=3, progress=steps.append, **kw).images      # 3 -> 4 images
+    # Only the first device calls back, once per step; progress sees each step once.
+    assert calls == [0, 1] and steps == [1, 2], (calls, steps)
     assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(two._states))
     assert a.shape == b.shape == (3, 32, 48, 3)
     print(float(np.abs(a - b).max()))

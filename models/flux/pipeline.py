@@ -187,8 +187,12 @@ class FluxPipeline:
             def velocity(x, t, dense):
                 return model(x, img_ids, txt, txt_ids, t, y, g, dense=dense)
             # Always compiled in (a host call per step is negligible next to a step), so
-            # calls with and without a progress callback share one executable.
-            on_step = lambda i: jax.debug.callback(self._on_step, i)
+            # calls with and without a progress callback share one executable. Only the
+            # first device calls back: each call stalls its device until Python answers,
+            # and calls from several devices queue on one interpreter.
+            def on_step(i):
+                jax.lax.cond(jax.lax.axis_index("batch") == 0,
+                             lambda: jax.debug.callback(self._on_step, i), lambda: None)
             return euler_loop(velocity, img, sigmas, dense_steps=dense_steps, on_step=on_step)
         b = P("batch")
         return self._per_device(local, (P(), b, b, b, b, P()), b)(state, img, txt, y,
@@ -204,7 +208,7 @@ class FluxPipeline:
         return self._per_device(local, (P(), P("batch")), P("batch"))(state, latents)
 
     def _on_step(self, i):
-        # Called from the compiled loop (once per device): report each step once.
+        # Called from the compiled loop on the first device: report each step once.
         if self._progress is None or int(i) + 1 <= self._done:
             return
         self._done = int(i) + 1

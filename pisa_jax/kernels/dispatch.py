@@ -42,6 +42,22 @@ AUTO_BEYOND_TABLE = "triton"
 MOSAIC_VALIDATED = True
 
 
+def gpu_count() -> int:
+    """How many devices this process sees (the GPUs, when on a GPU)."""
+    return jax.device_count()
+
+
+def plain_single_device() -> bool:
+    """True when the call is traced with no mesh (no `shard_map`, no `jax.set_mesh`) in a
+    process that sees one device: where "auto" may pick the Mosaic GPU kernel.
+
+    That is where the Mosaic kernel has been tested. Elsewhere XLA (jax 0.11.2) can refuse
+    to compile it: on H200s, a `shard_map` over a one-device mesh failed with "NVSHMEM is
+    not supported in XLA", on a one-GPU and on a two-GPU machine alike.
+    """
+    return gpu_count() == 1 and jax.sharding.get_abstract_mesh().empty
+
+
 def table_choice(num_tokens: int) -> str:
     """The backend `AUTO_TABLE` names for a sequence of `num_tokens` tokens."""
     bounds = [t for t, _ in AUTO_TABLE]
@@ -214,7 +230,7 @@ def resolve(implementation, interpret, *, dtype=None,
     if not on_gpu:
         return BACKENDS["reference"], interpret
     candidates = ["triton", "reference"]
-    if MOSAIC_VALIDATED and attention is not None and \
+    if MOSAIC_VALIDATED and attention is not None and plain_single_device() and \
             table_choice(attention.num_tokens) == "mosaic":
         candidates.insert(0, "mosaic")
     for candidate in candidates:
