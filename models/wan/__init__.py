@@ -1,15 +1,19 @@
 """Wan2.1 text-to-video transformer (1.3B, 14B) in Flax NNX on PISA attention, with
-weight conversion and flow-matching sampling."""
+weight conversion, flow-matching sampling and the video autoencoder."""
 
 import jax.numpy as jnp
 
+from models.wan.autoencoder import (WAN_VAE, WanAutoencoder, WanAutoencoderConfig,
+                                    from_transformer_layout, load_wan_autoencoder,
+                                    to_transformer_layout)
 from models.wan.config import DEFAULT_TILE, WAN_T2V_1_3B, WAN_T2V_14B, WanConfig
 from models.wan.model import Wan, check_dtype, default_policies, pad_text
 from models.wan.sampling import FLOW_SHIFT, denoise, euler_step, schedule
 
-__all__ = ["DEFAULT_TILE", "FLOW_SHIFT", "WAN_T2V_14B", "WAN_T2V_1_3B", "Wan", "WanConfig",
-           "check_dtype", "default_policies", "denoise", "euler_step", "load_wan", "pad_text",
-           "schedule"]
+__all__ = ["DEFAULT_TILE", "FLOW_SHIFT", "WAN_T2V_14B", "WAN_T2V_1_3B", "WAN_VAE", "Wan",
+           "WanAutoencoder", "WanAutoencoderConfig", "WanConfig", "check_dtype",
+           "default_policies", "denoise", "euler_step", "from_transformer_layout", "load_wan",
+           "load_wan_autoencoder", "pad_text", "schedule", "to_transformer_layout"]
 
 
 def load_wan(path, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None, tile=None,
