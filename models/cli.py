@@ -11,6 +11,7 @@ from pisa_jax import cli as attention_cli
 
 def build_parser() -> argparse.ArgumentParser:
     from models.flux import convert, generate
+    from models.wan import generate as wan_generate
     parser = argparse.ArgumentParser(
         prog="pisa-jax", description="Piecewise sparse attention (PISA) for diffusion "
                                      "transformers in JAX.")
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention_cli.register(sub)
     convert.register(sub)
     generate.register(sub)
+    wan_generate.register(sub)
     return parser
 
 

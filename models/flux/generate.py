@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
-import warnings
 from typing import Sequence
 
 import numpy as np
 
-from models.checkpoint import DTYPES, CheckpointError
+from models.checkpoint import DTYPES
+from models.cli_common import guarded
 
 
 # ----------------------------------------------------------------- image metrics
@@ -327,40 +326,15 @@ def labelled_grid(rows: list[np.ndarray], captions: list[str], columns: Sequence
     return grid
 
 
+def _too_large(args) -> str:
+    batch = (args.batch if hasattr(args, "batch")     # generate; compare:
+             else len(args.prompts) * len(args.seeds.split(",")))
+    return (f"{args.height}x{args.width} images in a batch of {batch} were too large for "
+            f"the device memory; try a smaller --height / --width or batch")
+
+
 def _guarded(fn):
-    """Errors as one line and exit status 1; warnings as one line each."""
-    def show(message, *_, **__):
-        print(f"warning: {message}", file=sys.stderr)
-
-    def run(args) -> int:
-        with warnings.catch_warnings():
-            warnings.showwarning = show
-            try:
-                return fn(args)
-            except (CheckpointError, ValueError, TypeError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            except RuntimeError as e:
-                if not is_out_of_memory(e):
-                    raise
-                batch = (args.batch if hasattr(args, "batch")     # generate; compare:
-                         else len(args.prompts) * len(args.seeds.split(",")))
-                print(f"error: out of device memory: {args.height}x{args.width} images in a "
-                      f"batch of {batch} were too large for the device memory; try a smaller "
-                      f"--height / --width or batch ({first_line(e)})", file=sys.stderr)
-                return 1
-    return run
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """XLA's out-of-memory error (XlaRuntimeError / JaxRuntimeError: RESOURCE_EXHAUSTED)."""
-    return (type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError")
-            and "RESOURCE_EXHAUSTED" in str(e))
-
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
+    return guarded(fn, _too_large)
 
 
 def register(sub) -> None:

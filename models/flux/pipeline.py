@@ -30,7 +30,6 @@ the components is `models.flux.pipeline_loading`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 import warnings
@@ -40,15 +39,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # COMPONENTS and component_paths stay importable from here, where they used to live.
 from models.flux.pipeline_loading import (COMPONENTS, SchedulerConfig,  # noqa: F401
                                           component_paths, load_components,
                                           scheduler_for_variant)
-from models.flux.pipeline_checks import (MAX_SEQUENCE_LENGTH, _check_int,  # noqa: F401
-                                         _check_prompt, _check_seed, _real, check_arguments)
-from models.flux.sampling import euler_loop, image_ids, unpack_latents
+from models.flux.pipeline_checks import MAX_SEQUENCE_LENGTH, check_arguments  # noqa: F401
+from models.flux.sampling import image_ids, unpack_latents
+from models.pipeline_common import (CompiledStages, StageClock, check_int, check_prompt,
+                                    check_real, check_seed, euler_loop)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -69,7 +69,7 @@ def to_pil(images: np.ndarray) -> list:
     return [Image.fromarray(x) for x in (images * 255).round().astype(np.uint8)]
 
 
-class FluxPipeline:
+class FluxPipeline(CompiledStages):
     """FLUX.1 (dev or schnell) from prompt to image; see `from_pretrained` and `__call__`.
 
     Args:
@@ -96,21 +96,8 @@ class FluxPipeline:
                              f"token; the VAE's {vae.config.latent_channels} latent channels "
                              f"give {4 * vae.config.latent_channels}")
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.devices = list(devices or jax.local_devices())
-        self.mesh = Mesh(np.array(self.devices), ("batch",))
-        replicated = NamedSharding(self.mesh, P())
-        self._graphs, self._states = {}, {}
-        for name, module in (("transformer", transformer), ("clip", text_encoder),
-                             ("t5", text_encoder_2), ("vae", vae)):
-            self._graphs[name], state = nnx.split(module)
-            self._states[name] = jax.device_put(state, replicated)
-        self.traces: collections.Counter = collections.Counter()
-        self.last_timings: dict[str, float] = {}
-        self.load_seconds = 0.0
-        self._compiled: dict[tuple, object] = {}
-        self._progress: Callable | None = None
-        self._progress_error: Exception | None = None
-        self._done = 0
+        self._hold(dict(transformer=transformer, clip=text_encoder, t5=text_encoder_2,
+                        vae=vae), devices)
         # Built once per pipeline; `_run` lowers and compiles each once per shape.
         self._jits = {"encode": jax.jit(self._encode),
                       "noise": jax.jit(self._noise, static_argnames="shape"),
@@ -154,10 +141,6 @@ class FluxPipeline:
         return pipe
 
     # ---------------------------------------------------------- traced stages
-    def _per_device(self, fn, in_specs, out_specs):
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
-
     def _encode(self, clip_state, t5_state, clip_ids, t5_ids):
         self.traces["encode"] += 1
 
@@ -186,14 +169,8 @@ class FluxPipeline:
 
             def velocity(x, t, dense):
                 return model(x, img_ids, txt, txt_ids, t, y, g, dense=dense)
-            # Always compiled in (a host call per step is negligible next to a step), so
-            # calls with and without a progress callback share one executable. Only the
-            # first device calls back: each call stalls its device until Python answers,
-            # and calls from several devices queue on one interpreter.
-            def on_step(i):
-                jax.lax.cond(jax.lax.axis_index("batch") == 0,
-                             lambda: jax.debug.callback(self._on_step, i), lambda: None)
-            return euler_loop(velocity, img, sigmas, dense_steps=dense_steps, on_step=on_step)
+            return euler_loop(velocity, img, sigmas, dense_steps=dense_steps,
+                              on_step=self._report_step)
         b = P("batch")
         return self._per_device(local, (P(), b, b, b, b, P()), b)(state, img, txt, y,
                                                                   guidance, sigmas)
@@ -207,30 +184,6 @@ class FluxPipeline:
             return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         return self._per_device(local, (P(), P("batch")), P("batch"))(state, latents)
 
-    def _on_step(self, i):
-        # Called from the compiled loop on the first device: report each step once.
-        if self._progress is None or int(i) + 1 <= self._done:
-            return
-        self._done = int(i) + 1
-        try:
-            self._progress(self._done)
-        except Exception as e:
-            # Raised after the loop: from a host callback it would come out of the compiled
-            # loop as a JaxRuntimeError. The callback is not called again.
-            self._progress_error, self._progress = e, None
-
-    def _run(self, name: str, *args, **static):
-        """Runs stage `name`, lowering and compiling it on the first call per shape."""
-        key = (name, tuple(sorted(static.items())),
-               tuple((x.shape, str(x.dtype)) for a in args if not isinstance(a, nnx.State)
-                     for x in jax.tree.leaves(a)))
-        if key not in self._compiled:
-            t0 = time.perf_counter()
-            self._compiled[key] = self._jits[name].lower(*args, **static).compile()
-            self.last_timings["compile"] = (self.last_timings.get("compile", 0.0)
-                                            + time.perf_counter() - t0)
-        return jax.block_until_ready(self._compiled[key](*args))
-
     # ------------------------------------------------------------------ call
     def encode_prompt(self, prompt: str | Sequence[str], max_sequence_length: int | None = None
                       ) -> tuple[jax.Array, jax.Array]:
@@ -239,9 +192,9 @@ class FluxPipeline:
         as in `__call__`. A batch that does not divide over the devices is padded with its
         last prompt, dropped again from the result. Raises ValueError / TypeError naming a
         bad argument."""
-        prompts = _check_prompt(prompt)
+        prompts = check_prompt(prompt)
         max_len = self._max_len(max_sequence_length)
-        _check_int("max_sequence_length", max_len, 1, MAX_SEQUENCE_LENGTH)
+        check_int("max_sequence_length", max_len, 1, MAX_SEQUENCE_LENGTH)
         b, pad = len(prompts), -len(prompts) % len(self.devices)
         txt, y = self._encode_padded(prompts + prompts[-1:] * pad, max_len)
         return (txt[:b], y[:b]) if pad else (txt, y)
@@ -291,7 +244,7 @@ class FluxPipeline:
             exception it raises stops nothing inside the loop and is raised after it.
         Raises ValueError / TypeError naming the argument for anything else.
         """
-        prompts = _check_prompt(prompt)
+        prompts = check_prompt(prompt)
         steps = num_inference_steps if num_inference_steps is not None else (
             50 if self.is_dev else 4)
         max_len = self._max_len(max_sequence_length)
@@ -302,17 +255,15 @@ class FluxPipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         if not isinstance(return_dict, bool):
             raise TypeError(f"return_dict must be True or False; got {return_dict!r}")
-        if progress is not None and not callable(progress):
-            raise TypeError(f"progress must be a callable (given the number of steps done) "
-                            f"or None; got {progress!r}")
+        self._check_progress(progress)
         if not self.is_dev and guidance_scale is not None:
             warnings.warn("guidance_scale is ignored: FLUX.1-schnell has no guidance "
                           f"embedding (got {guidance_scale})", stacklevel=2)
-        guidance = 3.5 if guidance_scale is None else _real(guidance_scale)
+        guidance = 3.5 if guidance_scale is None else check_real(guidance_scale)
         grid = (height // (2 * self.vae_factor), width // (2 * self.vae_factor))
         b, tokens = len(prompts), grid[0] * grid[1]
         shape = (b, tokens, self.config.in_channels)
-        seeds = _check_seed(seed, b)
+        seeds = check_seed(seed, b)
         if latents is not None:
             latents = np.asarray(latents, np.float32)
             if latents.shape != shape:
@@ -329,7 +280,7 @@ class FluxPipeline:
         shard = NamedSharding(self.mesh, P("batch"))
         self.last_timings = {"compile": 0.0}
 
-        clock = _StageClock(self.last_timings)
+        clock = StageClock(self.last_timings)
         txt, y = self._encode_padded(prompts, max_len)
         clock.lap("text_encoding")
         if latents is None:
@@ -340,15 +291,8 @@ class FluxPipeline:
         img = jax.device_put(img, shard)
         guidance_arr = jax.device_put(np.full((b + pad,), guidance, np.float32), shard)
         sigmas = jnp.asarray(self.scheduler.sigmas(steps, tokens))
-        self._progress, self._done, self._progress_error = progress, 0, None
-        try:
-            out = self._run("denoise", self._states["transformer"], img, txt, y, guidance_arr,
-                            sigmas, grid=grid, dense_steps=dense_steps)
-        finally:
-            self._progress = None
-        if self._progress_error is not None:
-            error, self._progress_error = self._progress_error, None
-            raise error
+        out = self._run_loop(progress, "denoise", self._states["transformer"], img, txt, y,
+                             guidance_arr, sigmas, grid=grid, dense_steps=dense_steps)
         clock.lap("denoising")
         if output_type != "latent":
             out = self._run("decode", self._states["vae"], out, grid=grid)
@@ -356,15 +300,3 @@ class FluxPipeline:
         clock.lap("decoding")
         images = to_pil(out) if output_type == "pil" else out
         return FluxPipelineOutput(images=images) if return_dict else (images,)
-
-
-class _StageClock:
-    """Wall time of each stage without the compile time `_run` adds to `timings`."""
-
-    def __init__(self, timings: dict):
-        self.timings, self.t, self.compiled = timings, time.perf_counter(), timings["compile"]
-
-    def lap(self, stage: str) -> None:
-        now, compiled = time.perf_counter(), self.timings["compile"]
-        self.timings[stage] = now - self.t - (compiled - self.compiled)
-        self.t, self.compiled = now, compiled

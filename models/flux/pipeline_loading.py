@@ -14,6 +14,7 @@ import numpy as np
 
 from models.checkpoint import CheckpointError, read_json
 from models.flux.sampling import schedule
+from models.pipeline_common import component_paths as common_component_paths
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer",
               "tokenizer_2")
@@ -111,20 +112,4 @@ def load_components(path: str | None, *, dtype=jnp.bfloat16, attention: str = "p
 def component_paths(path: str | None, given: dict) -> dict[str, str]:
     """Where each component is: `given[name]` (relative to `path` unless it exists as
     given or is absolute) or `path/name`. Raises `CheckpointError` naming what is missing."""
-    if path is not None and not os.path.isdir(path):
-        raise CheckpointError(f"pipeline folder {path}: no such folder")
-    out = {}
-    for name in COMPONENTS:
-        p = given.get(name)
-        if p is not None and path is not None and not os.path.isabs(p) and not os.path.exists(p):
-            p = os.path.join(path, p)
-        elif p is None:
-            if path is None:
-                raise CheckpointError(f"no path for the {name} component: give the pipeline "
-                                      f"folder or {name}=")
-            p = os.path.join(path, name)
-        if not os.path.exists(p):
-            raise CheckpointError(f"missing {name} component: {p} does not exist (a FLUX.1 "
-                                  f"pipeline folder holds {', '.join(COMPONENTS)})")
-        out[name] = p
-    return out
+    return common_component_paths(path, given, COMPONENTS, "FLUX.1")

@@ -11,13 +11,14 @@ bare `Flux` model.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
+
+from models.pipeline_common import euler_loop  # noqa: F401  (part of this module's API)
 
 
 def schedule(num_steps: int, image_tokens: int, *, shift: bool = True,
@@ -45,45 +46,6 @@ def schedule(num_steps: int, image_tokens: int, *, shift: bool = True,
     else:
         sigmas = constant_shift * sigmas / (1 + (constant_shift - 1) * sigmas)
     return np.append(sigmas.astype(np.float32), np.float32(0.0))
-
-
-def euler_loop(velocity: Callable, img: Float[Array, "b l c"], sigmas: Float[Array, "n1"],
-               *, dense_steps: int = 0, on_step: Callable | None = None
-               ) -> Float[Array, "b l c"]:
-    """Euler steps `img += (sigmas[i+1] - sigmas[i]) * velocity(img, sigmas[i], dense)`.
-
-    Traceable (call it under `jax.jit`); the number of steps is `len(sigmas) - 1`.
-    `velocity(img, sigma [B], dense: bool)` is traced once per value of `dense`: the
-    first `dense_steps` steps run in one `fori_loop` with `dense=True`, the rest in a
-    second one with `dense=False`. `img` stays float32; `on_step(i)` (optional) is
-    called inside the loop with the index of the step just done (e.g. through
-    `jax.debug.callback`).
-    """
-    if jnp.ndim(sigmas) != 1 or sigmas.shape[0] < 2:
-        raise ValueError(f"sigmas must be 1-D with at least 2 values (steps + 1); got shape "
-                         f"{list(jnp.shape(sigmas))}")
-    n = sigmas.shape[0] - 1
-    if not 0 <= dense_steps <= n:
-        raise ValueError(f"dense_steps must be in [0, {n}] (the number of steps); got "
-                         f"{dense_steps}")
-    b = img.shape[0]
-    img = img.astype(jnp.float32)
-
-    def body(dense):
-        def step(i, x):
-            t = jnp.full((b,), sigmas[i], jnp.float32)
-            v = velocity(x, t, dense).astype(jnp.float32)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
-            if on_step is not None:
-                on_step(i)
-            return x
-        return step
-
-    if dense_steps:
-        img = jax.lax.fori_loop(0, dense_steps, body(True), img)
-    if dense_steps < n:
-        img = jax.lax.fori_loop(dense_steps, n, body(False), img)
-    return img
 
 
 def pack_latents(z: Float[Array, "b h w c"]) -> Float[Array, "b l c4"]:
