@@ -21,7 +21,7 @@ from safetensors.flax import load_file, save_file
 from models.checkpoint import CheckpointError, read_json
 from models.flux.autoencoder import (FLUX_AE, AutoEncoderConfig, config_from_single_file,
                                      load_autoencoder)
-from models.flux.autoencoder_layers import chunked_attention
+from models.attention_chunks import chunked_attention
 from tests.helpers import relative_error
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "autoencoder")

@@ -3,7 +3,8 @@
 Fixtures were made by tests/fixtures/make_wan_vae_fixtures.py with diffusers 0.42.1: a
 tiny random AutoencoderKLWan with Wan2.1's structure (8x spatial, 4x temporal
 compression), saved by diffusers (vae/), and diffusers' chunked encode and decode of a
-9-frame video and of 3 latent frames (io.npz, NCFHW).
+9-frame video and of 3 latent frames (io.npz, NCFHW). Encode and decode are checked in
+both modes: streaming (the default: chunk by chunk in a scan) and over the whole clip.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ SAME = 1e-5
 channels_last = lambda x: np.moveaxis(x, 1, -1)                       # NCFHW -> NFHWC
 channels_first = lambda x: np.moveaxis(np.asarray(x, np.float32), -1, 1)
 
+# Compiled once per model structure, input shape and mode (an eager scan recompiles its
+# body at every call).
+encode = nnx.jit(lambda m, x, streaming: m.encode(x, streaming=streaming),
+                 static_argnames="streaming")
+decode = nnx.jit(lambda m, z, streaming: m.decode(z, streaming=streaming),
+                 static_argnames="streaming")
+
 
 @pytest.fixture(scope="module")
 def io():
@@ -46,12 +54,21 @@ def model():
 
 @pytest.fixture(scope="module")
 def outputs(model, io):
-    """Eager float32 (encoded, decoded), channels last."""
-    return model.encode(channels_last(io["video"])), model.decode(channels_last(io["latents"]))
+    """Float32 (encoded, decoded), channels last, streaming (the default), jitted."""
+    return (encode(model, channels_last(io["video"]), streaming=True),
+            decode(model, channels_last(io["latents"]), streaming=True))
 
 
-def test_matches_diffusers_in_float32(outputs, io):
-    encoded, decoded = outputs
+@pytest.fixture(scope="module")
+def whole(model, io):
+    """The same over the whole clip at once, eager."""
+    return (model.encode(channels_last(io["video"]), streaming=False),
+            model.decode(channels_last(io["latents"]), streaming=False))
+
+
+@pytest.mark.parametrize("mode", ["outputs", "whole"])
+def test_matches_diffusers_in_float32(mode, request, io):
+    encoded, decoded = request.getfixturevalue(mode)
     assert encoded.shape == (2, 3, 2, 3, 16) and encoded.dtype == jnp.float32
     assert relative_error(channels_first(encoded), io["encoded"]) <= 1e-4
     assert decoded.shape == (2, 9, 16, 24, 3) and decoded.dtype == jnp.float32
@@ -59,35 +76,73 @@ def test_matches_diffusers_in_float32(outputs, io):
     assert float(jnp.abs(decoded).max()) <= 1.0          # clipped as diffusers clips
 
 
+def test_streaming_equals_whole_clip(outputs, whole):
+    # 9 frames: frame 0, then a scan over two chunks of 4; 3 latent frames: 0, then 2
+    # steps. Streaming under jit against the eager whole-clip pass.
+    for streamed, at_once in zip(outputs, whole):
+        assert relative_error(streamed, at_once) <= SAME
+
+
 def test_bfloat16_model_stays_close_to_float32(io):
     ae = load_wan_autoencoder(VAE)
-    encoded = ae.encode(channels_last(io["video"]))
-    decoded = ae.decode(channels_last(io["latents"]))
+    encoded = encode(ae, channels_last(io["video"]), streaming=True)
+    decoded = decode(ae, channels_last(io["latents"]), streaming=True)
     assert encoded.dtype == decoded.dtype == jnp.bfloat16
     assert relative_error(channels_first(encoded), io["encoded"]) <= 1e-2
     assert relative_error(channels_first(decoded), io["decoded"]) <= 5e-2
 
 
-def test_jit_matches_eager(model, outputs, io):
-    encoded, decoded = outputs
-    decode = nnx.jit(lambda m, z: m.decode(z))
-    encode = jax.jit(lambda x: model.encode(x))
-    assert relative_error(decode(model, channels_last(io["latents"])), decoded) <= SAME
-    assert relative_error(encode(channels_last(io["video"])), encoded) <= SAME
+def test_jit_matches_eager(model, whole, io):
+    encoded, decoded = whole
+    assert relative_error(decode(model, channels_last(io["latents"]), streaming=False),
+                          decoded) <= SAME
+    encode_closed = jax.jit(lambda x: model.encode(x, streaming=False))   # weights as constants
+    assert relative_error(encode_closed(channels_last(io["video"])), encoded) <= SAME
 
 
-def test_decoding_is_causal_in_time(model, outputs, io):
-    # Latent frames 0..1 decode to video frames 0..4 whatever comes after them.
-    _, decoded = outputs
-    head = model.decode(channels_last(io["latents"])[:, :2])
-    assert head.shape == (2, 5, 16, 24, 3)
-    assert relative_error(head, decoded[:, :5]) <= SAME
+@pytest.mark.parametrize("streaming", [True, False])
+def test_short_clips_are_the_long_clips_start(model, whole, io, streaming):
+    # Causal in time: the first 1 and 5 frames encode to the first 1 and 2 latent frames
+    # of the 9-frame clip, which decode to its first 1 and 5 frames. Streaming (eager),
+    # 1 frame is the first chunk alone (no scan: the whole-clip pass) and 5 frames the
+    # first chunk and one scan step.
+    video, latents = channels_last(io["video"]), channels_last(io["latents"])
+    cases = ((1, 1), (5, 2)) if streaming else ((5, 2),)
+    for frames, latent_frames in cases:
+        encoded = (model.encode(video[:, :frames]) if streaming else
+                   encode(model, video[:, :frames], streaming=False))
+        assert encoded.shape == (2, latent_frames, 2, 3, 16)
+        assert relative_error(encoded, whole[0][:, :latent_frames]) <= SAME
+        assert relative_error(channels_first(encoded),
+                              io["encoded"][:, :, :latent_frames]) <= 1e-4
+        decoded = (model.decode(latents[:, :latent_frames]) if streaming else
+                   decode(model, latents[:, :latent_frames], streaming=False))
+        assert decoded.shape == (2, frames, 16, 24, 3)
+        assert relative_error(decoded, whole[1][:, :frames]) <= SAME
+        assert relative_error(channels_first(decoded), io["decoded"][:, :, :frames]) <= 1e-4
 
 
-def test_tiny_attention_chunks_match(model, outputs, io):
-    _, decoded = outputs
+def test_streaming_decode_memory_does_not_grow_with_the_clip(model):
+    # XLA's compile-time estimate of the buffers a jitted decode needs besides its
+    # arguments and output: from 5 to 17 latent frames streaming stays flat but for
+    # latent-sized buffers; the whole-clip pass needs several times more.
+    graph, state = nnx.split(model)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+
+    def temp(frames, streaming):
+        decode = jax.jit(lambda s, z: nnx.merge(graph, s).decode(z, streaming=streaming))
+        z = jax.ShapeDtypeStruct((1, frames, 8, 8, 16), jnp.float32)
+        return decode.lower(state, z).compile().memory_analysis().temp_size_in_bytes
+
+    streaming = temp(17, True)
+    assert streaming <= 1.05 * temp(5, True)
+    assert temp(17, False) >= 4 * streaming
+
+
+def test_tiny_attention_chunks_match(whole, io):
     small = load_wan_autoencoder(VAE, dtype=jnp.float32, attention_chunk=4)   # 6 positions
-    assert relative_error(small.decode(channels_last(io["latents"])), decoded) <= SAME
+    decoded = small.decode(channels_last(io["latents"]), streaming=False)
+    assert relative_error(decoded, whole[1]) <= SAME
 
 
 def test_transformer_layout_round_trip(outputs):

@@ -13,9 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Scores held at once by the mid-block attention (float32 elements): 2^26 = 256 MiB,
-# small next to the decoder's full-resolution activations.
-SCORE_BUDGET = 1 << 26
+from models.attention_chunks import chunked_attention, default_chunk
 
 
 def _conv(cin, cout, *, rngs, dtype, kernel=3, stride=1, padding=1):
@@ -62,37 +60,6 @@ class ResnetBlock(nnx.Module):
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         return h + (self.nin_shortcut(x) if self.nin_shortcut is not None else x)
-
-
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
-    """Single-head softmax attention `[B, T, C]` -> `[B, T, C]`, scale `C^-1/2`.
-
-    Queries are taken `chunk` rows at a time (a sequential `lax.map`), so at most
-    `B x chunk x T` scores exist at once; each row's softmax still sees every key at
-    once, so the math is that of unchunked attention.
-    Scores and softmax in float32, products accumulated in float32.
-    """
-    b, t, c = q.shape
-    scale = c ** -0.5
-
-    def rows(qc):
-        s = jnp.einsum("bqc,bkc->bqk", qc, k, preferred_element_type=jnp.float32)
-        p = jax.nn.softmax(s * scale, axis=-1)
-        o = jnp.einsum("bqk,bkc->bqc", p.astype(v.dtype), v,
-                       preferred_element_type=jnp.float32)
-        return o.astype(q.dtype)
-
-    if chunk >= t:
-        return rows(q)
-    n = -(-t // chunk)
-    qp = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0)))     # padded rows are dropped
-    out = jax.lax.map(rows, qp.reshape(b, n, chunk, c).swapaxes(0, 1))
-    return out.swapaxes(0, 1).reshape(b, n * chunk, c)[:, :t]
-
-
-def default_chunk(batch: int, positions: int) -> int:
-    """Query rows per step so that `batch x chunk x positions` scores fit SCORE_BUDGET."""
-    return max(1, min(positions, SCORE_BUDGET // max(1, batch * positions)))
 
 
 class AttnBlock(nnx.Module):

@@ -11,9 +11,10 @@ from models.wan.model import Wan, check_dtype, default_policies, pad_text
 from models.wan.sampling import FLOW_SHIFT, denoise, euler_step, schedule
 
 __all__ = ["DEFAULT_TILE", "FLOW_SHIFT", "WAN_T2V_14B", "WAN_T2V_1_3B", "WAN_VAE", "Wan",
-           "WanAutoencoder", "WanAutoencoderConfig", "WanConfig", "check_dtype",
-           "default_policies", "denoise", "euler_step", "from_transformer_layout", "load_wan",
-           "load_wan_autoencoder", "pad_text", "schedule", "to_transformer_layout"]
+           "WanAutoencoder", "WanAutoencoderConfig", "WanConfig", "WanPipeline",
+           "check_dtype", "default_policies", "denoise", "euler_step",
+           "from_transformer_layout", "load_wan", "load_wan_autoencoder", "pad_text",
+           "schedule", "to_transformer_layout"]
 
 
 def load_wan(path, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None, tile=None,
@@ -25,3 +26,11 @@ def load_wan(path, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None
     from models.wan.convert import load_wan as _load
     return _load(path, dtype=dtype, attention=attention, policies=policies, tile=tile,
                  num_heads=num_heads, **policy_options)
+
+
+def __getattr__(name):
+    # The pipeline pulls in the text encoder and the tokenizer: imported on first use.
+    if name == "WanPipeline":
+        from models.wan.pipeline import WanPipeline
+        return WanPipeline
+    raise AttributeError(f"module 'models.wan' has no attribute {name!r}")

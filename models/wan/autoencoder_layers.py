@@ -17,6 +17,17 @@ that the chunked code implements through its cache, reproduced here explicitly:
     padding) over the whole clip: outputs `[x0, f(x0, x1, x2), f(x2, x3, x4), ...]`;
   - temporal upsampling keeps frame 0 as is (one frame) and turns every later frame into
     two, by a causal convolution over frames 1.. alone (zero history, not frame 0).
+
+The clip can also be run chunk by chunk, each chunk continuing the last: every block is
+called `block(x, state) -> (y, state)`, with `state` None for a chunk that starts the
+clip (zero history and the first-frame rules) and otherwise what the previous chunk
+returned. That state is a tuple of arrays: each causal convolution's last two input
+frames, the temporal downsampler's last input frame (its stride-2 window reaches one
+frame back), the temporal upsampler's convolution frames (still zero after a first chunk
+of frame 0 alone); per-frame layers (norms, attention, spatial resampling) keep none
+(`()`). Every chunk after the first must have an even number of frames at each temporal
+downsampling. Run over the whole clip, the state that comes out is unused and compiles
+away.
 """
 
 from __future__ import annotations
@@ -25,16 +36,53 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.flux.autoencoder_layers import chunked_attention, default_chunk
+from models.attention_chunks import chunked_attention, default_chunk
 
 
-def _conv3d(cin, cout, *, rngs, dtype, kernel=(3, 3, 3), stride=(1, 1, 1), causal=True):
-    """A 3D convolution, zero-padded by two frames in the past (`causal`) or not at all in
-    time, and by half the kernel on each side in space."""
-    kt, kh, kw = kernel
-    pad = ((kt - 1, 0) if causal else (0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2))
-    return nnx.Conv(cin, cout, kernel_size=kernel, strides=stride, padding=pad, dtype=dtype,
-                    param_dtype=dtype, rngs=rngs)
+class CausalConv3d(nnx.Module):
+    """A 3D convolution causal in time (kernel `kt` frames: output frame i sees input
+    frames i - kt + 1 .. i), zero-padded by half the kernel in space; parameters `kernel`
+    `[kt, kh, kw, in, out]` and `bias` as in `nnx.Conv`.
+
+    `conv(x, past) -> (y, history)`: `past` holds the `kt - 1` input frames before `x`
+    (None: zeros, `x` starts the clip); `history` is the last `kt - 1` frames of
+    `[past, x]`, the `past` of the chunk that follows.
+    """
+
+    def __init__(self, cin: int, cout: int, *, rngs, dtype, kernel=(3, 3, 3)):
+        kt, kh, kw = kernel
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (*kernel, cin, cout), dtype))
+        self.bias = nnx.Param(jnp.zeros((cout,), dtype))
+        self.history = kt - 1
+        self.space = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+
+    def __call__(self, x, past=None):
+        n = self.history
+        if past is None:
+            # Zero frames as the convolution's own padding: an explicit pad of a whole
+            # clip is not always folded into it by XLA and costs a copy.
+            time = (n, 0)
+            history = x[:, -n:] if x.shape[1] >= n else jnp.pad(
+                x, ((0, 0), (n - x.shape[1], 0), (0, 0), (0, 0), (0, 0)))
+        else:
+            time, x = (0, 0), jnp.concatenate([past.astype(x.dtype), x], axis=1)
+            history = x[:, -n:]
+        kernel = self.kernel[...]
+        y = jax.lax.conv_general_dilated(x.astype(kernel.dtype), kernel, (1, 1, 1),
+                                         (time, *self.space),
+                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        return y + self.bias[...], history
+
+
+def _run(layers, x, state):
+    """`x` through `layers` in turn, each with its own state (all None: `x` starts the
+    clip); returns the output and the tuple of the layers' new states."""
+    new = []
+    for layer, past in zip(layers, (None,) * len(layers) if state is None else state):
+        x, past = layer(x, past)
+        new.append(past)
+    return x, tuple(new)
 
 
 def _pointwise(cin, cout, *, rngs, dtype):
@@ -65,16 +113,18 @@ class ResidualBlock(nnx.Module):
 
     def __init__(self, cin: int, cout: int, *, rngs, dtype):
         self.norm1 = RMSNorm(cin, dtype=dtype)
-        self.conv1 = _conv3d(cin, cout, rngs=rngs, dtype=dtype)
+        self.conv1 = CausalConv3d(cin, cout, rngs=rngs, dtype=dtype)
         self.norm2 = RMSNorm(cout, dtype=dtype)
-        self.conv2 = _conv3d(cout, cout, rngs=rngs, dtype=dtype)
+        self.conv2 = CausalConv3d(cout, cout, rngs=rngs, dtype=dtype)
         self.conv_shortcut = (_pointwise(cin, cout, rngs=rngs, dtype=dtype)
                               if cin != cout else None)
 
-    def __call__(self, x):
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
-        return h + (self.conv_shortcut(x) if self.conv_shortcut is not None else x)
+    def __call__(self, x, state=None):
+        past1, past2 = (None, None) if state is None else state
+        h, past1 = self.conv1(jax.nn.silu(self.norm1(x)), past1)
+        h, past2 = self.conv2(jax.nn.silu(self.norm2(h)), past2)
+        skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+        return h + skip, (past1, past2)
 
 
 class AttentionBlock(nnx.Module):
@@ -86,12 +136,12 @@ class AttentionBlock(nnx.Module):
         self.proj = _pointwise(channels, channels, rngs=rngs, dtype=dtype)
         self.chunk = chunk
 
-    def __call__(self, x):
+    def __call__(self, x, state=None):
         b, t, h, w, c = x.shape
         qkv = self.to_qkv(self.norm(x).reshape(b * t, h * w, c))
         q, k, v = jnp.split(qkv, 3, axis=-1)
         o = chunked_attention(q, k, v, self.chunk or default_chunk(b * t, h * w))
-        return x + self.proj(o).reshape(b, t, h, w, c)
+        return x + self.proj(o).reshape(b, t, h, w, c), ()
 
 
 class ZeroPadAfter(nnx.Module):
@@ -130,11 +180,12 @@ class Resample(nnx.Module):
         else:
             raise ValueError(f"Resample: unknown mode {mode!r}")
         if mode == "downsample3d":
-            self.time_conv = _conv3d(channels, channels, kernel=(3, 1, 1), stride=(2, 1, 1),
-                                     causal=False, rngs=rngs, dtype=dtype)
+            self.time_conv = nnx.Conv(channels, channels, kernel_size=(3, 1, 1),
+                                      strides=(2, 1, 1), padding="VALID", dtype=dtype,
+                                      param_dtype=dtype, rngs=rngs)
         elif mode == "upsample3d":
-            self.time_conv = _conv3d(channels, 2 * channels, kernel=(3, 1, 1), rngs=rngs,
-                                     dtype=dtype)
+            self.time_conv = CausalConv3d(channels, 2 * channels, kernel=(3, 1, 1),
+                                          rngs=rngs, dtype=dtype)
 
     def _spatial(self, x):
         b, t = x.shape[:2]
@@ -143,16 +194,34 @@ class Resample(nnx.Module):
             y = layer(y)
         return y.reshape(b, t, *y.shape[1:])
 
-    def __call__(self, x):
-        if self.mode == "upsample3d" and x.shape[1] > 1:
-            b, t, h, w, c = x.shape
-            pairs = self.time_conv(x[:, 1:]).reshape(b, t - 1, h, w, 2, c)
-            pairs = jnp.moveaxis(pairs, 4, 2).reshape(b, 2 * (t - 1), h, w, c)
-            x = jnp.concatenate([x[:, :1], pairs], axis=1)
+    def _time_up(self, x, past):
+        """Frame 0 (when `x` starts the clip) kept, every other frame turned into two."""
+        b, t, h, w, c = x.shape
+        first, rest = (x[:, :1], x[:, 1:]) if past is None else (None, x)
+        if rest.shape[1] == 0:      # frame 0 alone: the convolution has seen nothing yet
+            return x, jnp.zeros((b, self.time_conv.history, h, w, c), x.dtype)
+        pairs, past = self.time_conv(rest, past)
+        n = rest.shape[1]
+        pairs = jnp.moveaxis(pairs.reshape(b, n, h, w, 2, c), 4, 2).reshape(b, 2 * n, h, w, c)
+        return (pairs if first is None else jnp.concatenate([first, pairs], axis=1)), past
+
+    def _time_down(self, x, last):
+        """Frame 0 (when `x` starts the clip) kept, then one frame per two: the stride-2
+        window starts at frame 0, or at `last`, the frame before `x`."""
+        if last is None:
+            y = x[:, :1] if x.shape[1] == 1 else jnp.concatenate(
+                [x[:, :1], self.time_conv(x)], axis=1)
+        else:
+            y = self.time_conv(jnp.concatenate([last, x], axis=1))
+        return y, x[:, -1:]
+
+    def __call__(self, x, state=None):
+        if self.mode == "upsample3d":
+            x, state = self._time_up(x, state)
         x = self._spatial(x)
-        if self.mode == "downsample3d" and x.shape[1] > 1:
-            x = jnp.concatenate([x[:, :1], self.time_conv(x)], axis=1)
-        return x
+        if self.mode == "downsample3d":
+            x, state = self._time_down(x, state)
+        return x, (state if self.mode.endswith("3d") else ())
 
 
 class MidBlock(nnx.Module):
@@ -164,9 +233,8 @@ class MidBlock(nnx.Module):
         self.attentions = nnx.List([AttentionBlock(channels, rngs=rngs, dtype=dtype,
                                                    chunk=chunk)])
 
-    def __call__(self, x):
-        x = self.resnets[0](x)
-        return self.resnets[1](self.attentions[0](x))
+    def __call__(self, x, state=None):
+        return _run((self.resnets[0], self.attentions[0], self.resnets[1]), x, state)
 
 
 class UpBlock(nnx.Module):
@@ -179,14 +247,13 @@ class UpBlock(nnx.Module):
         self.upsamplers = (nnx.List([Resample(cout, mode, rngs=rngs, dtype=dtype)])
                            if mode else None)
 
-    def __call__(self, x):
-        for block in self.resnets:
-            x = block(x)
-        return self.upsamplers[0](x) if self.upsamplers is not None else x
+    def __call__(self, x, state=None):
+        return _run((*self.resnets, *(self.upsamplers or ())), x, state)
 
 
 class Encoder(nnx.Module):
-    """Video `[B, T, H, W, in]` -> posterior moments `[B, T', H/s, W/s, 2 * z_dim]`.
+    """Video `[B, T, H, W, in]` -> posterior moments `[B, T', H/s, W/s, 2 * z_dim]`, and
+    the state to continue the clip with (see the module docstring).
 
     `down_blocks` is one flat list as in diffusers: per level `num_res_blocks` residual
     blocks (each followed by an attention block at the scales in `attn_scales`), then a
@@ -196,7 +263,7 @@ class Encoder(nnx.Module):
     def __init__(self, config, *, rngs, dtype, chunk=None):
         c = config
         dims = [c.base_dim * m for m in (1,) + c.dim_mult]
-        self.conv_in = _conv3d(c.in_channels, dims[0], rngs=rngs, dtype=dtype)
+        self.conv_in = CausalConv3d(c.in_channels, dims[0], rngs=rngs, dtype=dtype)
         blocks, scale = [], 1.0
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(c.num_res_blocks):
@@ -211,18 +278,18 @@ class Encoder(nnx.Module):
         self.down_blocks = nnx.List(blocks)
         self.mid_block = MidBlock(dims[-1], rngs=rngs, dtype=dtype, chunk=chunk)
         self.norm_out = RMSNorm(dims[-1], dtype=dtype)
-        self.conv_out = _conv3d(dims[-1], 2 * c.z_dim, rngs=rngs, dtype=dtype)
+        self.conv_out = CausalConv3d(dims[-1], 2 * c.z_dim, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+    def __call__(self, x, state=None):
+        body, out = (None, None) if state is None else state
+        x, body = _run((self.conv_in, *self.down_blocks, self.mid_block), x, body)
+        x, out = self.conv_out(jax.nn.silu(self.norm_out(x)), out)
+        return x, (body, out)
 
 
 class Decoder(nnx.Module):
-    """Latents `[B, T', h, w, z_dim]` -> video `[B, T, h*s, w*s, out]`.
+    """Latents `[B, T', h, w, z_dim]` -> video `[B, T, h*s, w*s, out]`, and the state to
+    continue the clip with (see the module docstring).
 
     `up_blocks` run from the lowest resolution up; the temporal upsampling of level i is
     the temporal downsampling of encoder level `levels - 2 - i`. A level after an
@@ -233,7 +300,7 @@ class Decoder(nnx.Module):
         c = config
         dims = [c.decoder_dim * m for m in (c.dim_mult[-1],) + c.dim_mult[::-1]]
         up_time = c.temperal_downsample[::-1]
-        self.conv_in = _conv3d(c.z_dim, dims[0], rngs=rngs, dtype=dtype)
+        self.conv_in = CausalConv3d(c.z_dim, dims[0], rngs=rngs, dtype=dtype)
         self.mid_block = MidBlock(dims[0], rngs=rngs, dtype=dtype, chunk=chunk)
         levels = []
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
@@ -243,10 +310,10 @@ class Decoder(nnx.Module):
                                   rngs=rngs, dtype=dtype))
         self.up_blocks = nnx.List(levels)
         self.norm_out = RMSNorm(dims[-1], dtype=dtype)
-        self.conv_out = _conv3d(dims[-1], c.out_channels, rngs=rngs, dtype=dtype)
+        self.conv_out = CausalConv3d(dims[-1], c.out_channels, rngs=rngs, dtype=dtype)
 
-    def __call__(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for level in self.up_blocks:
-            x = level(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+    def __call__(self, z, state=None):
+        body, out = (None, None) if state is None else state
+        x, body = _run((self.conv_in, self.mid_block, *self.up_blocks), z, body)
+        x, out = self.conv_out(jax.nn.silu(self.norm_out(x)), out)
+        return x, (body, out)
