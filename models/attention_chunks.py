@@ -13,6 +13,17 @@ import jax.numpy as jnp
 SCORE_BUDGET = 1 << 26
 
 
+def check_chunk(attention_chunk) -> int | None:
+    """`attention_chunk` (query rows per step of the mid-block attention) if it is a
+    positive int or None; ValueError otherwise."""
+    if attention_chunk is not None and (isinstance(attention_chunk, bool)
+                                        or not isinstance(attention_chunk, int)
+                                        or attention_chunk < 1):
+        raise ValueError(f"attention_chunk must be a positive int or None; got "
+                         f"{attention_chunk!r}")
+    return attention_chunk
+
+
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
     """Single-head softmax attention `[B, T, C]` -> `[B, T, C]`, scale `C^-1/2`.
 

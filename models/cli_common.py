@@ -1,7 +1,9 @@
-"""What the `generate` and `generate-video` commands share: errors as one line."""
+"""What the `generate` and `generate-video` commands share: the attention flags, errors
+as one line."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from typing import Callable
@@ -43,3 +45,18 @@ def guarded(fn: Callable, too_large: Callable[[object], str]) -> Callable:
                       file=sys.stderr)
                 return 1
     return run
+
+
+def add_attention_flags(p: argparse.ArgumentParser) -> None:
+    """--density, --dense-layers, --dense-steps and --dtype (defaults: the published
+    setting, no dense steps, bf16)."""
+    p.add_argument("--density", type=float, default=None,
+                   help="PISA density, the fraction of key blocks computed exactly "
+                        "(default 0.15, the published setting)")
+    p.add_argument("--dense-layers", type=int, default=None,
+                   help="first attention layers kept dense in every step (default 4, the "
+                        "published setting)")
+    p.add_argument("--dense-steps", type=int, default=0,
+                   help="first sampling steps run dense in every layer (default 0)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="parameter and compute dtype (default bf16)")

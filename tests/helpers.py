@@ -8,6 +8,7 @@ NumPy loops over query blocks and key blocks, float64 throughout.
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 from flax import nnx
@@ -38,6 +39,21 @@ def broken_copy(src: str, folder, edit) -> str:
     path = os.path.join(str(folder), "broken.safetensors")
     save_file(tensors, path)
     return path
+
+
+def broken_folder(src: str, tmp_path, edit,
+                  file: str = "diffusion_pytorch_model.safetensors") -> str:
+    """Path of a copy of the checkpoint folder `src` (under `tmp_path`) whose `file` had
+    `edit(tensors)` applied to its name -> array dict (to test a loader's errors). Read
+    and written as JAX arrays, so bfloat16 files stay bfloat16."""
+    from safetensors import flax as st
+    out = os.path.join(str(tmp_path), os.path.basename(os.path.normpath(src)))
+    shutil.copytree(src, out)
+    path = os.path.join(out, file)
+    tensors = st.load_file(path)
+    edit(tensors)
+    st.save_file(tensors, path)
+    return out
 
 
 def random_qkv(rng: np.random.Generator, b, t, h, d, layout="bthd", spread=1.0):

@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.flax import load_file, save_file
 
 from models.checkpoint import CheckpointError, read_json
 from models.flux.autoencoder import (FLUX_AE, AutoEncoderConfig, config_from_single_file,
                                      load_autoencoder)
 from models.attention_chunks import chunked_attention
-from tests.helpers import relative_error
+from tests.helpers import broken_folder, relative_error
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "autoencoder")
 VAE = os.path.join(HERE, "vae")
@@ -129,25 +128,15 @@ def test_decode_refuses_bad_shapes(model, shape):
         model.decode(jnp.zeros(shape))
 
 
-def _edited_copy(tmp_path, edit):
-    out = tmp_path / "vae"
-    shutil.copytree(VAE, out)
-    path = str(out / "diffusion_pytorch_model.safetensors")
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path)
-    return str(out)
-
-
 def test_missing_tensor_is_named(tmp_path):
     name = "decoder.up_blocks.0.resnets.1.norm2.bias"
-    folder = _edited_copy(tmp_path, lambda t: t.pop(name))
+    folder = broken_folder(VAE, tmp_path, lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=r"missing: \['" + name):
         load_autoencoder(folder)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
-    folder = _edited_copy(tmp_path, lambda t: t.update(
+    folder = broken_folder(VAE, tmp_path, lambda t: t.update(
         {"quant_conv.weight": jnp.zeros((32, 32, 1, 1))}))
     with pytest.raises(CheckpointError, match=r"unexpected: \['quant_conv.weight'\]"):
         load_autoencoder(folder)
@@ -155,7 +144,7 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 def test_misshaped_tensor_is_named(tmp_path):
     name = "encoder.mid_block.attentions.0.to_k.weight"
-    folder = _edited_copy(tmp_path, lambda t: t.update({name: jnp.zeros((16, 8))}))
+    folder = broken_folder(VAE, tmp_path, lambda t: t.update({name: jnp.zeros((16, 8))}))
     with pytest.raises(CheckpointError, match=rf"tensor {name} has shape \(16, 8\); the "
                                               r"model expects \(16, 16\)"):
         load_autoencoder(folder)

@@ -18,12 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.flax import load_file, save_file
 
 from models.checkpoint import CheckpointError, read_json
 from models.wan.autoencoder import (WAN_VAE, WanAutoencoderConfig, from_transformer_layout,
                                     load_wan_autoencoder, to_transformer_layout)
-from tests.helpers import relative_error
+from tests.helpers import broken_folder, relative_error
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "wan_vae")
 VAE = os.path.join(HERE, "vae")
@@ -179,25 +178,15 @@ def test_pipeline_folder_finds_its_vae(tmp_path, io):
                           io["encoded"]) <= 1e-4
 
 
-def _edited_copy(tmp_path, edit):
-    out = tmp_path / "vae"
-    shutil.copytree(VAE, out)
-    path = str(out / "diffusion_pytorch_model.safetensors")
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path)
-    return str(out)
-
-
 def test_missing_tensor_is_named(tmp_path):
     name = "decoder.up_blocks.0.upsamplers.0.time_conv.bias"
-    folder = _edited_copy(tmp_path, lambda t: t.pop(name))
+    folder = broken_folder(VAE, tmp_path, lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=r"missing: \['" + name):
         load_wan_autoencoder(folder)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
-    folder = _edited_copy(tmp_path, lambda t: t.update(
+    folder = broken_folder(VAE, tmp_path, lambda t: t.update(
         {"encoder.down_blocks.9.conv1.weight": jnp.zeros((4, 4, 3, 3, 3))}))
     with pytest.raises(CheckpointError,
                        match=r"unexpected: \['encoder.down_blocks.9.conv1.weight'\]"):
@@ -210,7 +199,7 @@ def test_unexpected_tensor_is_named(tmp_path):
     ("decoder.norm_out.gamma", (4, 1, 2, 1), (4,)),
 ])
 def test_misshaped_tensor_is_named(tmp_path, name, shape, want):
-    folder = _edited_copy(tmp_path, lambda t: t.update({name: jnp.zeros(shape)}))
+    folder = broken_folder(VAE, tmp_path, lambda t: t.update({name: jnp.zeros(shape)}))
     with pytest.raises(CheckpointError, match=re.escape(
             f"tensor {name} has shape {shape}; the model expects {want}")):
         load_wan_autoencoder(folder)

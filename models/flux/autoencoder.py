@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from models.attention_chunks import check_chunk
 from models.checkpoint import (CheckpointError, TensorFiles, fill_model, flat_params,
                                read_json, safetensors_files)
 from models.conversion import plan_stream, torch_layout
@@ -117,10 +118,7 @@ class AutoEncoder(nnx.Module):
 
     def __init__(self, config: AutoEncoderConfig = FLUX_AE, *, rngs: nnx.Rngs,
                  dtype=jnp.bfloat16, attention_chunk: int | None = None):
-        if attention_chunk is not None and (not isinstance(attention_chunk, int)
-                                            or attention_chunk < 1):
-            raise ValueError(f"attention_chunk must be a positive int or None; got "
-                             f"{attention_chunk!r}")
+        check_chunk(attention_chunk)
         dtype = check_dtype(dtype)
         self.config = config
         self.encoder = Encoder(config, rngs=rngs, dtype=dtype, chunk=attention_chunk)

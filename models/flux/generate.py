@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from models.checkpoint import DTYPES
-from models.cli_common import guarded
+from models.cli_common import add_attention_flags, guarded
 
 
 # ----------------------------------------------------------------- image metrics
@@ -145,16 +145,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="guidance scale for dev (default 3.5; schnell ignores it)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="T5 tokens (default 512 for dev, 256 for schnell)")
-    p.add_argument("--density", type=float, default=None,
-                   help="PISA density, the fraction of key blocks computed exactly "
-                        "(default 0.15, the published setting)")
-    p.add_argument("--dense-layers", type=int, default=None,
-                   help="first attention layers kept dense in every step (default 4, the "
-                        "published setting)")
-    p.add_argument("--dense-steps", type=int, default=0,
-                   help="first sampling steps run dense in every layer (default 0)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
-                   help="parameter and compute dtype (default bf16)")
+    add_attention_flags(p)
 
 
 def check_arguments(args, attention: str, seeds: list[int]) -> None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from models.attention_chunks import check_chunk
 from models.checkpoint import (CheckpointError, TensorFiles, fill_model, flat_params,
                                read_json, safetensors_files)
 from models.conversion import checked_config, plan_stream, torch_layout
@@ -158,10 +159,7 @@ class WanAutoencoder(nnx.Module):
 
     def __init__(self, config: WanAutoencoderConfig = WAN_VAE, *, rngs: nnx.Rngs,
                  dtype=jnp.bfloat16, attention_chunk: int | None = None):
-        if attention_chunk is not None and (not isinstance(attention_chunk, int)
-                                            or attention_chunk < 1):
-            raise ValueError(f"attention_chunk must be a positive int or None; got "
-                             f"{attention_chunk!r}")
+        check_chunk(attention_chunk)
         dtype = check_dtype(dtype)
         c = self.config = config
         self.encoder = Encoder(config, rngs=rngs, dtype=dtype, chunk=attention_chunk)

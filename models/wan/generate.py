@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from models.checkpoint import DTYPES
-from models.cli_common import guarded
+from models.cli_common import add_attention_flags, guarded
 from models.flux.generate import check_arguments as check_common, output_names, save_png
 
 TEMPORAL_FACTOR = 4        # Wan2.1's VAE: 1 + 4k frames (checked again by the pipeline)
@@ -182,13 +182,5 @@ def register(sub) -> None:
                    help="classifier-free guidance scale, applied when > 1 (default 5.0)")
     g.add_argument("--max-sequence-length", type=int, default=512,
                    help="umT5 tokens (default 512)")
-    g.add_argument("--density", type=float, default=None,
-                   help="PISA density, the fraction of key blocks computed exactly "
-                        "(default 0.15, the published setting)")
-    g.add_argument("--dense-layers", type=int, default=None,
-                   help="first attention layers kept dense in every step (default 4)")
-    g.add_argument("--dense-steps", type=int, default=0,
-                   help="first sampling steps run dense in every layer (default 0)")
-    g.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
-                   help="parameter and compute dtype (default bf16)")
+    add_attention_flags(g)
     g.set_defaults(func=_guarded(run_generate_video))
