@@ -138,3 +138,22 @@ def test_benchmark_flags_are_refused_before_any_work(module, argv, message, caps
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_wan_vae_memory_writes_both_plans_of_both_directions(tmp_path):
+    import json
+    from benchmarks import wan_vae_memory
+    out = tmp_path / "m.json"
+    wan_vae_memory.main(["--sizes", "9x16x24", "--out", str(out)])
+    r = json.loads(out.read_text())["sizes"]["9x16x24"]
+    assert set(r) == {f"{m}_{s}_temp_gib" for m in ("decode", "encode")
+                      for s in ("streaming", "whole_clip")}
+    assert all(v > 0 for v in r.values())
+
+
+@pytest.mark.parametrize("sizes", ["8x16x16", "9x12x16", "9x16"])
+def test_wan_vae_memory_refuses_bad_sizes(sizes, capsys):
+    from benchmarks import wan_vae_memory
+    with pytest.raises(SystemExit) as exit_info:
+        wan_vae_memory.main(["--sizes", sizes])
+    assert exit_info.value.code == 2 and repr(sizes) in capsys.readouterr().err
