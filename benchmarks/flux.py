@@ -1,12 +1,15 @@
 """Full-size FLUX.1-dev transformer forward: this project (dense, PISA) against diffusers.
 
     python benchmarks/flux.py [--sizes 1024,2048] [--out benchmarks/out] [--no-diffusers]
+        [--implementations auto,triton,mosaic]
 
 Random bf16 weights are drawn once on the GPU in diffusers' `FluxTransformer2DModel`
 (PyTorch, SDPA attention) and copied into the Flax model through the converter's
 diffusers mapping, so both run the same weights. Per image size it reports one forward's
 median time, `jax.jit` compile time, device memory, and the relative difference of our
-dense bf16 output to diffusers'. Writes `flux.json` to --out and a table to stdout.
+dense bf16 output to diffusers'. PISA runs once per kernel backend in --implementations
+(default "auto"; the first one fills the `pisa_*` keys, each one `pisa_<name>_*`). Writes
+`flux.json` to --out and a table to stdout.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # share the GP
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
@@ -32,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from models.flux import FLUX_DEV, default_policies  # noqa: E402
 from models.flux.convert import iter_diffusers_state, model_from_tensors  # noqa: E402
 from pisa_jax.cli import comma_list  # noqa: E402
+from pisa_jax.nn import Attention  # noqa: E402
 from pisa_jax.metrics import relative_error as rel  # noqa: E402
 
 N_TXT = 512
@@ -106,6 +111,10 @@ def main(argv=None):
     p.add_argument("--f32-reference", action="store_true",
                    help="also run diffusers in float32 (same weights) at the first size, to "
                         "measure how far each bf16 forward is from it")
+    p.add_argument("--implementations", default=("auto",),
+                   type=comma_list(str, "comma-separated backends: auto, triton, mosaic",
+                                   lambda s: s in ("auto", "triton", "mosaic")),
+                   help="kernel backends of the PISA layers to time (default auto)")
     args = p.parse_args(argv)
     sizes = list(args.sizes)
     os.makedirs(args.out, exist_ok=True)
@@ -152,10 +161,15 @@ def main(argv=None):
     results["weight_copy_s"] = time.perf_counter() - t0
     del tmodel
     torch.cuda.empty_cache()
-    graphdef, state = nnx.split(model)
+    graphdefs = {}
+    for impl in args.implementations:   # same weights, the PISA layers on another backend
+        for _, module in nnx.iter_graph(model):
+            if isinstance(module, Attention) and module.policy.kind == "pisa":
+                module.policy = dataclasses.replace(module.policy, implementation=impl)
+        graphdefs[impl], state = nnx.split(model)
 
-    @functools.partial(jax.jit, static_argnames="dense")
-    def forward(state, io, dense):
+    @functools.partial(jax.jit, static_argnames=("graphdef", "dense"))
+    def forward(state, io, graphdef, dense):
         return nnx.merge(graphdef, state)(
             io["img"], io["img_ids"], io["txt"], io["txt_ids"], io["timesteps"], io["y"],
             io["guidance"], dense=dense)
@@ -165,9 +179,12 @@ def main(argv=None):
               for k, v in inputs(size).items()}
         r = results["sizes"][str(size)]
         outs = {}
-        for mode in ("dense", "pisa"):
+        first = args.implementations[0]
+        modes = [("dense", first)] + [("pisa" if impl == first else f"pisa_{impl}", impl)
+                                      for impl in args.implementations]
+        for mode, impl in modes:
             t0 = time.perf_counter()
-            compiled = forward.lower(state, io, dense=mode == "dense").compile()
+            compiled = forward.lower(state, io, graphdefs[impl], dense=mode == "dense").compile()
             r[f"{mode}_compile_s"] = time.perf_counter() - t0
             mem = compiled.memory_analysis()
             r[f"{mode}_temp_gib"] = mem.temp_size_in_bytes / 2**30
@@ -189,6 +206,9 @@ def main(argv=None):
         if size in ref_out:
             r["dense_vs_diffusers_rel"] = rel(dense, ref_out[size])
         r["pisa_speedup_over_dense"] = r["dense_ms"] / r["pisa_ms"]
+        for mode, impl in modes[2:]:
+            r[f"{mode}_vs_dense_rel"] = rel(np.asarray(outs[mode], np.float32), dense)
+            r[f"{mode}_speedup_over_dense"] = r["dense_ms"] / r[f"{mode}_ms"]
         stats = jax.devices()[0].memory_stats() or {}
         r["jax_peak_gib_so_far"] = stats.get("peak_bytes_in_use", 0) / 2**30
         save()
