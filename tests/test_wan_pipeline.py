@@ -2,7 +2,8 @@
 schedule, compile cache, scheduler configs, errors, and the generate-video command.
 
 Fixtures: tests/fixtures/make_wan_pipeline_fixtures.py (a tiny random diffusers Wan2.1
-pipeline folder and diffusers' float32 outputs for fixed `latents`).
+pipeline folder and diffusers' float32 outputs for fixed `latents`) and
+tests/fixtures/make_wan_unipc.py (that folder with diffusers' UniPC scheduler).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,12 +24,14 @@ import pytest
 from models.checkpoint import CheckpointError
 from models.wan.pipeline import WanPipeline, WanPipelineOutput, clean_prompt
 from models.wan.pipeline_loading import SchedulerConfig
+from models.wan.unipc import UniPCConfig
 from tests.helpers import relative_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDER = os.path.join(FIXTURES, "wan_pipeline")
 REF = np.load(os.path.join(FIXTURES, "wan_pipeline.npz"))
+UNIPC = np.load(os.path.join(FIXTURES, "wan_unipc.npz"))     # make_wan_unipc.py
 CASES = ("batch", "single", "unguided")
 SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=2, max_sequence_length=8)
 # The fixture's prompts are longer than their 16 tokens, as diffusers cuts them.
@@ -215,17 +219,40 @@ def _copy_with_scheduler(tmp_path, config: dict | None) -> str:
     return str(out)
 
 
-def test_a_unipc_scheduler_config_warns_and_runs_euler_with_its_flow_shift(tmp_path):
-    path = _copy_with_scheduler(tmp_path, {
-        "_class_name": "UniPCMultistepScheduler", "flow_shift": 5.0, "use_flow_sigmas": True,
-        "prediction_type": "flow_prediction", "solver_order": 2})
-    with pytest.warns(UserWarning, match="UniPCMultistepScheduler.*Euler sampler with its "
-                                         "flow_shift 5.0") as record:
-        pipe = WanPipeline.from_pretrained(path, dtype=jnp.float32, attention="dense")
-    assert len(record) == 1
-    assert pipe.scheduler == SchedulerConfig(5.0, "UniPCMultistepScheduler")
-    out = pipe("a cat", output_type="latent", **SMALL).frames
-    assert out.shape == (1, 16, 2, 4, 6) and np.isfinite(out).all()
+def test_a_unipc_folder_loads_without_warning_and_matches_diffusers_with_unipc(pipe,
+                                                                               tmp_path):
+    def config(name):
+        return json.loads(str(UNIPC[f"pipe_{name}_config"]))   # as diffusers writes it
+    path = _copy_with_scheduler(tmp_path, config("guided"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unipc = WanPipeline.from_pretrained(path, dtype=jnp.float32, attention="dense")
+    assert unipc.scheduler == SchedulerConfig(3.0, "UniPCMultistepScheduler", UniPCConfig())
+    assert unipc.scheduler.solver == "unipc"
+    kw = dict(height=32, width=48, num_frames=5, max_sequence_length=8, output_type="latent")
+    guided = dict(num_inference_steps=4, guidance_scale=5.0,
+                  latents=UNIPC["pipe_guided_latents"], **kw)
+    prompts = ["a red fox running in the snow", "an old lighthouse"]
+    steps = []
+    out = unipc(prompts, progress=steps.append, **guided).frames
+    assert steps == [1, 2, 3, 4]
+    ref = UNIPC["pipe_guided_final"]
+    # float32 on both sides, the bound of the Euler parity test above: measured 4.6e-7
+    # (4 guided steps) and 2.8e-7 (6 unguided steps); Euler with the same shift is 0.36 off.
+    assert relative_error(out, ref) < 1e-5
+    assert relative_error(pipe(prompts, **guided).frames, ref) > 1e-1
+    traces, compiled = dict(unipc.traces), len(unipc._compiled)
+    np.testing.assert_array_equal(unipc(prompts, **guided).frames, out)
+    assert dict(unipc.traces) == traces and len(unipc._compiled) == compiled
+    # Another folder's flow_shift: an input of the same compiled loop.
+    other = tmp_path / "unguided.json"
+    other.write_text(json.dumps(config("unguided")))
+    unipc.scheduler = SchedulerConfig.from_diffusers(str(other))
+    assert unipc.scheduler.shift == 5.0
+    unguided = dict(num_inference_steps=6, guidance_scale=1.0,
+                    latents=UNIPC["pipe_unguided_latents"], **kw)
+    out = unipc("a small boat on a calm lake", **unguided).frames
+    assert relative_error(out, UNIPC["pipe_unguided_final"]) < 1e-5
 
 
 @pytest.mark.parametrize("config, message", [
@@ -234,7 +261,17 @@ def test_a_unipc_scheduler_config_warns_and_runs_euler_with_its_flow_shift(tmp_p
      r"only a constant shift .* sets \['use_dynamic_shifting'\]"),
     ({"_class_name": "UniPCMultistepScheduler", "prediction_type": "epsilon"},
      "without flow sigmas"),
-])
+    ({"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction"},
+     "without flow sigmas.*got use_flow_sigmas=None"),
+] + [({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+       "prediction_type": "flow_prediction", key: value},
+      rf"settings not implemented: {key}={re.escape(repr(value))} \(implemented: ")
+     for key, value in (("solver_order", 4), ("predict_x0", False), ("solver_type", "bh1"),
+                        ("thresholding", True), ("use_karras_sigmas", True),
+                        ("use_exponential_sigmas", True), ("use_beta_sigmas", True),
+                        ("final_sigmas_type", "sigma_min"), ("use_dynamic_shifting", True),
+                        ("shift_terminal", 0.1), ("lower_order_final", False),
+                        ("disable_corrector", [1.5]), ("num_train_timesteps", 500))])
 def test_unsupported_scheduler_configs_are_refused_before_loading(tmp_path, config, message):
     path = _copy_with_scheduler(tmp_path, config)
     os.remove(os.path.join(path, "transformer", "diffusion_pytorch_model.safetensors"))

@@ -1,5 +1,6 @@
 """Wan2.1 text-to-video transformer (1.3B, 14B) in Flax NNX on PISA attention, with
-weight conversion, flow-matching sampling and the video autoencoder."""
+weight conversion, flow-matching sampling (Euler; diffusers' UniPC) and the video
+autoencoder."""
 
 import jax.numpy as jnp
 
@@ -9,12 +10,14 @@ from models.wan.autoencoder import (WAN_VAE, WanAutoencoder, WanAutoencoderConfi
 from models.wan.config import DEFAULT_TILE, WAN_T2V_1_3B, WAN_T2V_14B, WanConfig
 from models.wan.model import Wan, check_dtype, default_policies, pad_text
 from models.wan.sampling import FLOW_SHIFT, denoise, euler_step, schedule
+from models.wan.unipc import UniPCConfig, UniPCSchedule, unipc_loop, unipc_sigmas
 
 __all__ = ["DEFAULT_TILE", "FLOW_SHIFT", "WAN_T2V_14B", "WAN_T2V_1_3B", "WAN_VAE", "Wan",
            "WanAutoencoder", "WanAutoencoderConfig", "WanConfig", "WanPipeline",
            "check_dtype", "default_policies", "denoise", "euler_step",
            "from_transformer_layout", "load_wan", "load_wan_autoencoder", "pad_text",
-           "schedule", "to_transformer_layout"]
+           "schedule", "to_transformer_layout", "UniPCConfig", "UniPCSchedule", "unipc_loop",
+           "unipc_sigmas"]
 
 
 def load_wan(path, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None, tile=None,

@@ -1,4 +1,5 @@
-"""Wan2.1 text-to-video in JAX: prompt -> umT5 -> Euler sampling with guidance -> video VAE.
+"""Wan2.1 text-to-video in JAX: prompt -> umT5 -> flow-matching sampling (UniPC or Euler)
+with guidance -> video VAE.
 
 `WanPipeline` follows diffusers' `WanPipeline` (text-to-video, Wan2.1): the same call
 arguments and defaults, the same prompt cleaning, the same text states (umT5 with an
@@ -15,12 +16,13 @@ step count traces and compiles nothing.
 The call returns a `WanPipelineOutput` whose `.frames` are the videos, or `(frames,)`
 with `return_dict=False`, as diffusers' does.
 
-Sampler: flow-matching Euler with diffusers' FlowMatchEulerDiscreteScheduler sigmas
-(`SchedulerConfig.sigmas`). A folder whose scheduler is FlowMatchEulerDiscreteScheduler
-is followed exactly. diffusers' released Wan2.1 folders ship UniPCMultistepScheduler
-(a multistep solver), which is not implemented: its `flow_shift` is used with the Euler
-sampler, with a warning at loading, so those folders give a video close to but not the
-same as diffusers' with UniPC.
+Sampler: the folder's. FlowMatchEulerDiscreteScheduler (a constant shift): flow-matching
+Euler on its sigmas (`SchedulerConfig.sigmas`). UniPCMultistepScheduler with flow sigmas,
+which diffusers' released Wan2.1 folders ship (flow_shift 3.0 for 480p, 5.0 for 720p):
+diffusers' UniPC predictor-corrector (`models.wan.unipc`; orders 1-3, bh2, data
+prediction, lower order at the last steps; other settings are refused at loading). Both
+are followed exactly: the same `latents` give diffusers' video. The sigmas and solver
+coefficients are computed on the host and are inputs of the compiled loop.
 
 Prompt cleaning: diffusers unescapes HTML entities twice, strips, and collapses runs of
 whitespace to one space; so does this pipeline. When the `ftfy` package is installed
@@ -60,6 +62,7 @@ from models.pipeline_common import (CompiledStages, StageClock, check_int, check
 from models.wan.autoencoder import from_transformer_layout
 from models.wan.pipeline_loading import SchedulerConfig, load_components
 from models.wan.sampling import NUM_TRAIN_TIMESTEPS
+from models.wan.unipc import unipc_loop
 
 OUTPUT_TYPES = ("np", "pil", "latent")
 # diffusers' whitespace (the `regex` module's \s): Python's \s without \x1c-\x1f.
@@ -121,7 +124,7 @@ class WanPipeline(CompiledStages):
         self._jits = {"encode": jax.jit(self._encode),
                       "noise": jax.jit(self._noise, static_argnames="shape"),
                       "denoise": jax.jit(self._denoise,
-                                         static_argnames=("guided", "dense_steps")),
+                                         static_argnames=("guided", "dense_steps", "solver")),
                       "decode": jax.jit(self._decode)}
 
     # --------------------------------------------------------------- loading
@@ -145,10 +148,10 @@ class WanPipeline(CompiledStages):
         `policy_options` (e.g. `density=0.15`) are as in `models.wan.load_wan`.
 
         The scheduler config (see the module docstring): FlowMatchEulerDiscreteScheduler
-        with a constant shift as is; UniPCMultistepScheduler's `flow_shift` with the Euler
-        sampler and a warning; none: shift 3.0. Raises `CheckpointError` naming a missing
+        with a constant shift (Euler), or UniPCMultistepScheduler with flow sigmas
+        (UniPC); none: Euler with shift 3.0. Raises `CheckpointError` naming a missing
         component and where it was looked for, an unreadable file, or a scheduler config
-        that is neither.
+        that is neither or sets something not implemented (naming the keys).
         """
         t0 = time.perf_counter()
         parts, sched = load_components(
@@ -177,29 +180,33 @@ class WanPipeline(CompiledStages):
         draw = lambda s: jax.random.normal(jax.random.key(s), shape, jnp.float32)
         return jax.vmap(draw)(seeds)
 
-    def _denoise(self, state, latents, context, negative, guidance, sigmas, *, guided,
-                 dense_steps):
+    def _denoise(self, state, latents, context, negative, guidance, plan, *, guided,
+                 dense_steps, solver):
+        # `plan`: the sigmas (solver "euler") or a UniPCSchedule ("unipc"), replicated.
         self.traces["denoise"] += 1
 
-        def local(state, latents, context, negative, guidance, sigmas):
+        def local(state, latents, context, negative, guidance, plan):
             model = nnx.merge(self._graphs["transformer"], state)
             both = jnp.concatenate([context, negative]) if guided else context
             g = guidance[:, None, None, None, None]
 
-            def velocity(x, sigma, dense):
+            def velocity(x, t, dense):               # t: the model's timestep [B]
                 xs = jnp.concatenate([x, x]) if guided else x
-                t = jnp.concatenate([sigma, sigma]) if guided else sigma
-                v = model(xs, NUM_TRAIN_TIMESTEPS * t, both, dense=dense)
+                v = model(xs, jnp.concatenate([t, t]) if guided else t, both, dense=dense)
                 if not guided:
                     return v
                 v_cond, v_uncond = jnp.split(v, 2)
                 return v_uncond + g * (v_cond - v_uncond)
 
-            return euler_loop(velocity, latents, sigmas, dense_steps=dense_steps,
-                              on_step=self._report_step)
+            if solver == "unipc":
+                return unipc_loop(velocity, latents, plan, dense_steps=dense_steps,
+                                  on_step=self._report_step)
+            return euler_loop(lambda x, sigma, dense: velocity(
+                x, NUM_TRAIN_TIMESTEPS * sigma, dense), latents, plan,
+                dense_steps=dense_steps, on_step=self._report_step)
         b = P("batch")
         return self._per_device(local, (P(), b, b, b, b, P()), b)(
-            state, latents, context, negative, guidance, sigmas)
+            state, latents, context, negative, guidance, plan)
 
     def _decode(self, state, latents):
         self.traces["decode"] += 1
@@ -262,7 +269,7 @@ class WanPipeline(CompiledStages):
           height, width: frame size in pixels, multiples of 16 (the VAE's 8, then 2x2
             patches).
           num_frames: 1 + 4k frames (the VAE's temporal compression); 81 by default.
-          num_inference_steps: Euler steps (default 50).
+          num_inference_steps: sampling steps (default 50), each one transformer pass.
           guidance_scale: classifier-free guidance, applied when > 1 (diffusers' rule);
             any finite real number. An input of the compiled loop: changing it compiles
             nothing, unless it crosses 1 (with / without the unconditional pass).
@@ -325,9 +332,10 @@ class WanPipeline(CompiledStages):
             x = np.concatenate([latents, latents[-1:].repeat(pad, 0)])
         x = jax.device_put(x, shard)
         g = jax.device_put(np.full((b + pad,), guidance, np.float32), shard)
-        sigmas = jnp.asarray(self.scheduler.sigmas(num_inference_steps))
+        plan = jax.tree.map(jnp.asarray, self.scheduler.plan(num_inference_steps))
         out = self._run_loop(progress, "denoise", self._states["transformer"], x, context,
-                             negative, g, sigmas, guided=guided, dense_steps=dense_steps)
+                             negative, g, plan, guided=guided, dense_steps=dense_steps,
+                             solver=self.scheduler.solver)
         clock.lap("denoising")
         if output_type != "latent":
             out = self._run("decode", self._states["vae"], out)

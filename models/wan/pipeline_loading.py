@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from models.checkpoint import CheckpointError, read_json
 from models.pipeline_common import component_paths as common_component_paths
 from models.wan.sampling import FLOW_SHIFT, NUM_TRAIN_TIMESTEPS
+from models.wan.unipc import UniPCConfig, unipc_sigmas
 
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae")
 _EULER = "FlowMatchEulerDiscreteScheduler"
@@ -24,23 +24,43 @@ _UNIPC = "UniPCMultistepScheduler"
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """The flow-matching schedule: a constant `shift` (diffusers' `shift` of
-    FlowMatchEulerDiscreteScheduler, `flow_shift` of Wan's UniPCMultistepScheduler) and
-    the scheduler class the folder named (`source`; the sampler is Euler either way)."""
+    """The flow-matching sampler: a constant `shift` (diffusers' `shift` of
+    FlowMatchEulerDiscreteScheduler, `flow_shift` of Wan's UniPCMultistepScheduler), the
+    scheduler class the folder named (`source`), which picks the solver (Euler, or UniPC,
+    `models.wan.unipc`), and UniPC's settings (`unipc`: `UniPCConfig()` by default when
+    `source` is UniPC, None for Euler). Raises ValueError for a bad shift or source, or
+    UniPC settings given with Euler; TypeError if `unipc` is not a UniPCConfig."""
     shift: float = FLOW_SHIFT["480p"]
     source: str = _EULER
+    unipc: UniPCConfig | None = None
 
     def __post_init__(self):
         if not (isinstance(self.shift, (int, float)) and self.shift > 0):
             raise ValueError(f"SchedulerConfig: shift must be a positive number; got "
                              f"{self.shift!r}")
+        if self.source not in (_EULER, _UNIPC):
+            raise ValueError(f"SchedulerConfig: source must be {_EULER!r} or {_UNIPC!r}; got "
+                             f"{self.source!r}")
+        if self.unipc is not None and not isinstance(self.unipc, UniPCConfig):
+            raise TypeError(f"SchedulerConfig: unipc must be a UniPCConfig or None; got "
+                            f"{type(self.unipc).__name__}")
+        if self.source == _UNIPC and self.unipc is None:
+            object.__setattr__(self, "unipc", UniPCConfig())
+        if self.source == _EULER and self.unipc is not None:
+            raise ValueError(f"SchedulerConfig: unipc settings were given with source "
+                             f"{_EULER!r}; use source={_UNIPC!r}")
+
+    @property
+    def solver(self) -> str:
+        """"unipc" or "euler": the sampling loop that runs."""
+        return "unipc" if self.source == _UNIPC else "euler"
 
     @classmethod
     def from_diffusers(cls, path: str) -> "SchedulerConfig":
         """From a diffusers `scheduler_config.json`: FlowMatchEulerDiscreteScheduler with
-        a constant shift (taken as is), or Wan's UniPCMultistepScheduler with flow sigmas
-        (its `flow_shift` is used with the Euler sampler, with a warning). Raises
-        `CheckpointError` naming the file for any other class or setting."""
+        a constant shift, or UniPCMultistepScheduler with flow sigmas (Wan's released
+        folders), each followed exactly. Raises `CheckpointError` naming the file (and the
+        keys) for any other class or a setting that is not implemented."""
         c = read_json(path)
         kind = c.get("_class_name")
         if kind == _EULER:
@@ -53,22 +73,23 @@ class SchedulerConfig:
                     f"is supported; the config sets {bad or c.get('num_train_timesteps')}")
             return cls(shift=float(c.get("shift", 1.0)), source=_EULER)
         if kind == _UNIPC:
-            if not (c.get("use_flow_sigmas") or c.get("prediction_type") == "flow_prediction"):
-                raise CheckpointError(f"{path}: a UniPCMultistepScheduler without flow sigmas "
-                                      "(use_flow_sigmas) is not a flow-matching schedule")
-            shift = float(c.get("flow_shift", 1.0))
-            warnings.warn(f"{path}: the folder's scheduler is UniPCMultistepScheduler, which is "
-                          f"not implemented; sampling uses the flow-matching Euler sampler "
-                          f"with its flow_shift {shift} (diffusers' "
-                          f"FlowMatchEulerDiscreteScheduler(shift={shift}) schedule)",
-                          UserWarning, stacklevel=4)
-            return cls(shift=shift, source=_UNIPC)
+            return cls(shift=float(c.get("flow_shift", 1.0)), source=_UNIPC,
+                       unipc=_unipc_settings(c, path))
         raise CheckpointError(f"{path}: scheduler {kind!r} is not supported; expected "
                               f"{_EULER} or {_UNIPC} (flow sigmas)")
 
+    def plan(self, num_steps: int):
+        """What the sampling loop takes for `num_steps` steps: the `[num_steps + 1]` sigmas
+        (Euler) or a `UniPCSchedule` (UniPC), numpy on the host."""
+        if self.unipc is not None:
+            return self.unipc.schedule(num_steps, self.shift)
+        return self.sigmas(num_steps)
+
     def sigmas(self, num_steps: int) -> np.ndarray:
-        """`num_steps + 1` float32 sigmas from 1 to 0, as diffusers'
-        FlowMatchEulerDiscreteScheduler(shift).set_timesteps(num_steps) gives them.
+        """`num_steps + 1` float32 sigmas from 1 to 0 of the solver that runs. UniPC:
+        `models.wan.unipc.unipc_sigmas` (its model timesteps are integers, see there).
+        Euler: as diffusers' FlowMatchEulerDiscreteScheduler(shift).set_timesteps(num_steps)
+        gives them.
 
         diffusers spaces the steps uniformly between 1 and its smallest training sigma (the
         shifted 1/1000, computed in float32) and shifts them a second time:
@@ -76,6 +97,8 @@ class SchedulerConfig:
         `models.wan.sampling.schedule`, the official code's grid from 1 to 0 shifted once.)
         The model's timestep is `1000 * sigma` in float32.
         """
+        if self.unipc is not None:
+            return unipc_sigmas(num_steps, self.shift)[0]
         n = int(num_steps)
         if n != num_steps or n < 1:
             raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
@@ -86,6 +109,51 @@ class SchedulerConfig:
         s = s / NUM_TRAIN_TIMESTEPS
         s = self.shift * s / (1 + (self.shift - 1) * s)
         return np.append(s.astype(np.float32), np.float32(0.0))
+
+
+# Keys of UniPCMultistepScheduler and the values implemented (others are refused; the
+# beta schedule and timestep spacing have no effect with flow sigmas).
+_UNIPC_FIXED = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "predict_x0": True,
+                "thresholding": False, "use_karras_sigmas": False,
+                "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                "final_sigmas_type": "zero", "use_dynamic_shifting": False,
+                "shift_terminal": None, "solver_p": None}
+# diffusers runs these solver types as bh2.
+_BH2 = ("bh2", "midpoint", "heun", "logrho")
+
+
+def _unipc_settings(c: dict, path: str) -> UniPCConfig:
+    """The UniPC solver settings of a diffusers UniPCMultistepScheduler config `c` (read
+    from `path`); `CheckpointError` naming the keys that are not implemented."""
+    if not c.get("use_flow_sigmas") or c.get("prediction_type") != "flow_prediction":
+        raise CheckpointError(f"{path}: a UniPCMultistepScheduler without flow sigmas "
+                              f"(use_flow_sigmas true, prediction_type 'flow_prediction') is "
+                              f"not a flow-matching schedule; got use_flow_sigmas="
+                              f"{c.get('use_flow_sigmas')!r}, prediction_type="
+                              f"{c.get('prediction_type')!r}")
+    # An unset flag (false, null) is the default off.
+    bad = {k: c[k] for k, want in _UNIPC_FIXED.items()
+           if k in c and c[k] != want and (want not in (False, None) or c[k])}
+    order = c.get("solver_order", 2)
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        bad["solver_order"] = order
+    if c.get("solver_type", "bh2") not in _BH2:
+        bad["solver_type"] = c["solver_type"]
+    if not c.get("lower_order_final", True) and order != 1:
+        bad["lower_order_final"] = c["lower_order_final"]   # diffusers' last step is NaN
+    skip = c.get("disable_corrector") or []
+    if not isinstance(skip, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in skip):
+        bad["disable_corrector"] = skip
+    if bad:
+        want = {k: _UNIPC_FIXED.get(k) for k in bad} | {
+            k: v for k, v in (("solver_order", "1, 2 or 3"), ("solver_type", "bh2"),
+                              ("lower_order_final", True),
+                              ("disable_corrector", "a list of step indices")) if k in bad}
+        raise CheckpointError(
+            f"{path}: UniPCMultistepScheduler settings not implemented: "
+            + ", ".join(f"{k}={v!r} (implemented: {want[k]!r})" for k, v in bad.items()))
+    return UniPCConfig(solver_order=int(order), disable_corrector=tuple(skip))
 
 
 # ------------------------------------------------------------------------- loading
