@@ -1,6 +1,6 @@
-"""What the FLUX and Wan pipelines share: their argument checks, the compiled Euler loop,
-and a base class that holds the components on a device mesh and compiles each stage once
-per shape.
+"""What the FLUX and Wan pipelines share: their argument checks, the compiled step loop
+(dense steps first, then sparse) with the Euler sampler on it, and a base class that holds
+the components on a device mesh and compiles each stage once per shape.
 
 `CompiledStages` keeps each component as an NNX graph and a state replicated over the
 pipeline's devices; a stage is a `jax.jit` of a function that `_per_device` maps over the
@@ -89,43 +89,61 @@ def check_seed(seed, b: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------ sampling
 
+def step_loop(step: Callable, carry, num_steps: int, *, dense_steps: int = 0,
+              on_step: Callable | None = None):
+    """`carry = step(i, carry, dense)` for i in [0, num_steps), the final carry.
+
+    The first `dense_steps` steps run in one `fori_loop` with `dense=True`, the rest in a
+    second one with `dense=False`, so `step` (and the model in it) is traced once per value
+    of `dense`. `on_step(i)` (optional) is called inside the loop after step i (e.g.
+    through `jax.debug.callback`). Raises ValueError unless `dense_steps` is an integer in
+    [0, num_steps].
+    """
+    if isinstance(dense_steps, (bool, np.bool_)) or not isinstance(
+            dense_steps, numbers.Integral) or not 0 <= dense_steps <= num_steps:
+        raise ValueError(f"dense_steps must be in [0, {num_steps}] (the number of steps), an "
+                         f"integer; got {dense_steps!r}")
+
+    def body(dense):
+        def one(i, carry):
+            carry = step(i, carry, dense)
+            if on_step is not None:
+                on_step(i)
+            return carry
+        return one
+
+    if dense_steps:
+        carry = jax.lax.fori_loop(0, dense_steps, body(True), carry)
+    if dense_steps < num_steps:
+        carry = jax.lax.fori_loop(dense_steps, num_steps, body(False), carry)
+    return carry
+
+
 def euler_loop(velocity: Callable, x: Float[Array, "b ..."], sigmas: Float[Array, "n1"],
                *, dense_steps: int = 0, on_step: Callable | None = None
                ) -> Float[Array, "b ..."]:
     """Euler steps `x += (sigmas[i+1] - sigmas[i]) * velocity(x, sigmas[i], dense)`.
 
     Traceable (call it under `jax.jit`); the number of steps is `len(sigmas) - 1`.
-    `velocity(x, sigma [B], dense: bool)` is traced once per value of `dense`: the
-    first `dense_steps` steps run in one `fori_loop` with `dense=True`, the rest in a
-    second one with `dense=False`. `x` stays float32; `on_step(i)` (optional) is
-    called inside the loop with the index of the step just done (e.g. through
-    `jax.debug.callback`).
+    `velocity(x [B, ...] float32, sigma [B] float32, dense: bool)` is given the step's
+    sigma itself (`sigmas[i]`, from 1 down), not a model timestep: a model that takes
+    `1000 * sigma` scales it in `velocity`. It is traced once per value of `dense`; the
+    steps run in `step_loop` (`dense_steps` first steps dense, `on_step(i)` after step i).
+    `x` stays float32. Raises ValueError for `sigmas` that is not 1-D with at least 2
+    values, or `dense_steps` that is not an integer in [0, steps].
     """
     if jnp.ndim(sigmas) != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas must be 1-D with at least 2 values (steps + 1); got shape "
                          f"{list(jnp.shape(sigmas))}")
-    n = sigmas.shape[0] - 1
-    if not 0 <= dense_steps <= n:
-        raise ValueError(f"dense_steps must be in [0, {n}] (the number of steps); got "
-                         f"{dense_steps}")
     b = x.shape[0]
-    x = x.astype(jnp.float32)
 
-    def body(dense):
-        def step(i, x):
-            t = jnp.full((b,), sigmas[i], jnp.float32)
-            v = velocity(x, t, dense).astype(jnp.float32)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
-            if on_step is not None:
-                on_step(i)
-            return x
-        return step
+    def step(i, x, dense):
+        t = jnp.full((b,), sigmas[i], jnp.float32)
+        v = velocity(x, t, dense).astype(jnp.float32)
+        return x + (sigmas[i + 1] - sigmas[i]) * v
 
-    if dense_steps:
-        x = jax.lax.fori_loop(0, dense_steps, body(True), x)
-    if dense_steps < n:
-        x = jax.lax.fori_loop(dense_steps, n, body(False), x)
-    return x
+    return step_loop(step, x.astype(jnp.float32), sigmas.shape[0] - 1,
+                     dense_steps=dense_steps, on_step=on_step)
 
 
 # ------------------------------------------------------------------------ pipelines

@@ -224,6 +224,8 @@ def test_euler_loop_refuses_malformed_sigmas_and_dense_steps():
         euler_loop(velocity, img, jnp.ones((2, 3)))
     with pytest.raises(ValueError, match=r"dense_steps must be in \[0, 2\].*got 3"):
         euler_loop(velocity, img, jnp.asarray([1.0, 0.5, 0.0]), dense_steps=3)
+    with pytest.raises(ValueError, match=r"dense_steps must be .*an integer; got True"):
+        euler_loop(velocity, img, jnp.asarray([1.0, 0.5, 0.0]), dense_steps=True)
 
 
 def test_denoise_dense_steps_switch_attention_per_step():

@@ -263,6 +263,12 @@ def test_a_unipc_folder_loads_without_warning_and_matches_diffusers_with_unipc(p
      "without flow sigmas"),
     ({"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction"},
      "without flow sigmas.*got use_flow_sigmas=None"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 0},
+     r"scheduler_config.json: shift must be a finite positive number; got 0$"),
+] + [({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+       "prediction_type": "flow_prediction", "flow_shift": value},
+      rf"scheduler_config.json: flow_shift must be a finite positive number; got {text}$")
+     for value, text in ((-1.0, "-1.0"), (None, "None"), ("3", "'3'"), (float("inf"), "inf"))
 ] + [({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
        "prediction_type": "flow_prediction", key: value},
       rf"settings not implemented: {key}={re.escape(repr(value))} \(implemented: ")

@@ -12,12 +12,11 @@ from models.wan.model import Wan, check_dtype, default_policies, pad_text
 from models.wan.sampling import FLOW_SHIFT, denoise, euler_step, schedule
 from models.wan.unipc import UniPCConfig, UniPCSchedule, unipc_loop, unipc_sigmas
 
-__all__ = ["DEFAULT_TILE", "FLOW_SHIFT", "WAN_T2V_14B", "WAN_T2V_1_3B", "WAN_VAE", "Wan",
-           "WanAutoencoder", "WanAutoencoderConfig", "WanConfig", "WanPipeline",
-           "check_dtype", "default_policies", "denoise", "euler_step",
-           "from_transformer_layout", "load_wan", "load_wan_autoencoder", "pad_text",
-           "schedule", "to_transformer_layout", "UniPCConfig", "UniPCSchedule", "unipc_loop",
-           "unipc_sigmas"]
+__all__ = ["DEFAULT_TILE", "FLOW_SHIFT", "UniPCConfig", "UniPCSchedule", "WAN_T2V_14B",
+           "WAN_T2V_1_3B", "WAN_VAE", "Wan", "WanAutoencoder", "WanAutoencoderConfig",
+           "WanConfig", "WanPipeline", "check_dtype", "default_policies", "denoise",
+           "euler_step", "from_transformer_layout", "load_wan", "load_wan_autoencoder",
+           "pad_text", "schedule", "to_transformer_layout", "unipc_loop", "unipc_sigmas"]
 
 
 def load_wan(path, *, dtype=jnp.bfloat16, attention: str = "pisa", policies=None, tile=None,

@@ -190,7 +190,9 @@ class WanPipeline(CompiledStages):
             both = jnp.concatenate([context, negative]) if guided else context
             g = guidance[:, None, None, None, None]
 
-            def velocity(x, t, dense):               # t: the model's timestep [B]
+            # `t`: the transformer's timestep [B] in [0, 1000]. unipc_loop passes its
+            # integer timesteps as they are; euler_loop passes the sigma, scaled below.
+            def velocity(x, t, dense):
                 xs = jnp.concatenate([x, x]) if guided else x
                 v = model(xs, jnp.concatenate([t, t]) if guided else t, both, dense=dense)
                 if not guided:
@@ -201,9 +203,9 @@ class WanPipeline(CompiledStages):
             if solver == "unipc":
                 return unipc_loop(velocity, latents, plan, dense_steps=dense_steps,
                                   on_step=self._report_step)
-            return euler_loop(lambda x, sigma, dense: velocity(
-                x, NUM_TRAIN_TIMESTEPS * sigma, dense), latents, plan,
-                dense_steps=dense_steps, on_step=self._report_step)
+            return euler_loop(
+                lambda x, sigma, dense: velocity(x, NUM_TRAIN_TIMESTEPS * sigma, dense),
+                latents, plan, dense_steps=dense_steps, on_step=self._report_step)
         b = P("batch")
         return self._per_device(local, (P(), b, b, b, b, P()), b)(
             state, latents, context, negative, guidance, plan)

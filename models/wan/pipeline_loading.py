@@ -7,6 +7,7 @@ public entry point.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import jax.numpy as jnp
@@ -35,8 +36,9 @@ class SchedulerConfig:
     unipc: UniPCConfig | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.shift, (int, float)) and self.shift > 0):
-            raise ValueError(f"SchedulerConfig: shift must be a positive number; got "
+        if not (isinstance(self.shift, (int, float)) and not isinstance(self.shift, bool)
+                and math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"SchedulerConfig: shift must be a finite positive number; got "
                              f"{self.shift!r}")
         if self.source not in (_EULER, _UNIPC):
             raise ValueError(f"SchedulerConfig: source must be {_EULER!r} or {_UNIPC!r}; got "
@@ -71,9 +73,9 @@ class SchedulerConfig:
                 raise CheckpointError(
                     f"{path}: only a constant shift over {NUM_TRAIN_TIMESTEPS} training steps "
                     f"is supported; the config sets {bad or c.get('num_train_timesteps')}")
-            return cls(shift=float(c.get("shift", 1.0)), source=_EULER)
+            return cls(shift=_shift(c, "shift", path), source=_EULER)
         if kind == _UNIPC:
-            return cls(shift=float(c.get("flow_shift", 1.0)), source=_UNIPC,
+            return cls(shift=_shift(c, "flow_shift", path), source=_UNIPC,
                        unipc=_unipc_settings(c, path))
         raise CheckpointError(f"{path}: scheduler {kind!r} is not supported; expected "
                               f"{_EULER} or {_UNIPC} (flow sigmas)")
@@ -111,6 +113,17 @@ class SchedulerConfig:
         return np.append(s.astype(np.float32), np.float32(0.0))
 
 
+def _shift(c: dict, key: str, path: str) -> float:
+    """The shift `c[key]` of a scheduler config read from `path` (diffusers' default 1.0);
+    `CheckpointError` naming the file and the key unless it is a finite positive number."""
+    value = c.get(key, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (math.isfinite(value) and value > 0):
+        raise CheckpointError(f"{path}: {key} must be a finite positive number; got "
+                              f"{value!r}")
+    return float(value)
+
+
 # Keys of UniPCMultistepScheduler and the values implemented (others are refused; the
 # beta schedule and timestep spacing have no effect with flow sigmas).
 _UNIPC_FIXED = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "predict_x0": True,
@@ -146,13 +159,13 @@ def _unipc_settings(c: dict, path: str) -> UniPCConfig:
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in skip):
         bad["disable_corrector"] = skip
     if bad:
-        want = {k: _UNIPC_FIXED.get(k) for k in bad} | {
-            k: v for k, v in (("solver_order", "1, 2 or 3"), ("solver_type", "bh2"),
-                              ("lower_order_final", True),
-                              ("disable_corrector", "a list of step indices")) if k in bad}
+        want = {k: repr(v) for k, v in _UNIPC_FIXED.items()} | {
+            "solver_order": "1, 2 or 3", "solver_type": "'bh2'",
+            "lower_order_final": "True, or any with solver_order 1",
+            "disable_corrector": "a list of step indices >= 0"}
         raise CheckpointError(
             f"{path}: UniPCMultistepScheduler settings not implemented: "
-            + ", ".join(f"{k}={v!r} (implemented: {want[k]!r})" for k, v in bad.items()))
+            + ", ".join(f"{k}={v!r} (implemented: {want[k]})" for k, v in bad.items()))
     return UniPCConfig(solver_order=int(order), disable_corrector=tuple(skip))
 
 

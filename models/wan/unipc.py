@@ -18,6 +18,7 @@ of operations, so both round alike.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Callable
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from models.pipeline_common import step_loop
 from models.wan.sampling import NUM_TRAIN_TIMESTEPS
 
 F32 = np.float32
@@ -39,14 +41,14 @@ def unipc_sigmas(num_steps: int, flow_shift: float) -> tuple[np.ndarray, np.ndar
     `num_steps + 1` dropped), shifted `s -> shift s / (1 + (shift - 1) s)`, the first
     lowered by 1e-6 when it is 1 (log(1 - s) must stay finite); the timesteps are
     `1000 s` truncated to integers; the sigmas are then cast to float32. Raises ValueError
-    unless `num_steps` is an integer >= 1 and `flow_shift` is positive.
+    unless `num_steps` is an integer >= 1 and `flow_shift` is finite and positive.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) \
             or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
     if isinstance(flow_shift, bool) or not isinstance(flow_shift, numbers.Real) \
-            or not flow_shift > 0:
-        raise ValueError(f"flow_shift must be a positive number; got {flow_shift!r}")
+            or not (math.isfinite(flow_shift) and flow_shift > 0):
+        raise ValueError(f"flow_shift must be a finite positive number; got {flow_shift!r}")
     s = np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, int(num_steps) + 1)[:-1]
     s = flow_shift * s / (1 + (flow_shift - 1) * s)
     if abs(s[0] - 1.0) < 1e-6:
@@ -174,7 +176,8 @@ class UniPCConfig:
 
 
 def _check_schedule(s) -> tuple[int, int]:
-    """(steps n, solver order K) of a schedule whose arrays agree; ValueError otherwise."""
+    """(steps n, solver order K) of a schedule whose arrays agree; TypeError if it is not a
+    UniPCSchedule, ValueError if its arrays disagree."""
     if not isinstance(s, UniPCSchedule):
         raise TypeError(f"schedule must be a UniPCSchedule (UniPCConfig.schedule); got "
                         f"{type(s).__name__}")
@@ -205,55 +208,44 @@ def unipc_loop(velocity: Callable, x: Float[Array, "b ..."], schedule: UniPCSche
 
     Traceable (call it under `jax.jit`; the schedule's arrays may be traced); the number
     of steps is `len(schedule.sigmas) - 1`. `velocity(x [B, ...] float32, t [B] float32,
-    dense: bool)` is the flow-matching velocity at the model timestep `t`
-    (`schedule.timesteps[i]`, diffusers' integer timesteps, not `1000 * sigma`); it is
-    traced once per value of `dense`: the first `dense_steps` steps run in one `fori_loop`
-    with `dense=True`, the rest in a second one with `dense=False`. `x` stays float32;
-    `on_step(i)` (optional) is called inside the loop with the index of the step just done.
-    The loop carries the sample, the sample the last predictor started from and the
-    solver order's previous data predictions.
+    dense: bool)` is given the model timestep `t = schedule.timesteps[i]` (diffusers'
+    integer timesteps, not `1000 * sigma` and not the sigma that
+    `models.pipeline_common.euler_loop` gives) and returns the flow-matching velocity.
+    It is traced once per value of `dense`; the steps run in
+    `models.pipeline_common.step_loop` (`dense_steps` first steps dense, `on_step(i)`
+    after step i). `x` stays float32. The loop carries the sample, the sample the last
+    predictor started from and the solver order's previous data predictions.
 
     Raises TypeError if `schedule` is not a UniPCSchedule, ValueError if its arrays
-    disagree in shape, if `x` has no batch axis, or if `dense_steps` is not in [0, steps].
+    disagree in shape, if `x` has no batch axis, or if `dense_steps` is not an integer in
+    [0, steps].
     """
     n, k = _check_schedule(schedule)
-    if isinstance(dense_steps, bool) or not isinstance(dense_steps, numbers.Integral) \
-            or not 0 <= dense_steps <= n:
-        raise ValueError(f"dense_steps must be an integer in [0, {n}] (the number of steps); "
-                         f"got {dense_steps!r}")
     if jnp.ndim(x) < 1:
         raise ValueError(f"x must have a batch axis ([B, ...]); got shape {list(jnp.shape(x))}")
     s = jax.tree.map(jnp.asarray, schedule)
     b = x.shape[0]
+
+    def step(i, carry, dense):
+        x, last, prev = carry[0], carry[1], carry[2:]       # prev[j]: j + 1 steps back
+        v = velocity(x, jnp.full((b,), s.timesteps[i], jnp.float32), dense)
+        m = x - s.sigmas[i] * v.astype(jnp.float32)        # data prediction at x
+        # Corrector: redo the last step from `last` with `m` as well.
+        m0 = prev[0]
+        res = s.corr_rho_t[i] * (m - m0)
+        if k > 1:
+            res = sum(s.corr_rho[i, j - 1] * ((prev[j] - m0) / s.corr_rk[i, j - 1])
+                      for j in range(1, k)) + res
+        fixed = s.corr_ratio[i] * last - s.corr_phi[i] * m0 - s.corr_b[i] * res
+        x = jnp.where(s.correct[i], fixed, x)
+        # Predictor from the (corrected) sample.
+        nxt = s.pred_ratio[i] * x - s.pred_phi[i] * m
+        if k > 1:
+            nxt = nxt - s.pred_b[i] * sum(
+                s.pred_rho[i, j - 1] * ((prev[j - 1] - m) / s.pred_rk[i, j - 1])
+                for j in range(1, k))
+        return (nxt, x, m) + prev[:-1]
+
     x = jnp.asarray(x, jnp.float32)
-
-    def body(dense):
-        def step(i, carry):
-            x, last, prev = carry[0], carry[1], carry[2:]       # prev[j]: j + 1 steps back
-            v = velocity(x, jnp.full((b,), s.timesteps[i], jnp.float32), dense)
-            m = x - s.sigmas[i] * v.astype(jnp.float32)        # data prediction at x
-            # Corrector: redo the last step from `last` with `m` as well.
-            m0 = prev[0]
-            res = s.corr_rho_t[i] * (m - m0)
-            if k > 1:
-                res = sum(s.corr_rho[i, j - 1] * ((prev[j] - m0) / s.corr_rk[i, j - 1])
-                          for j in range(1, k)) + res
-            fixed = s.corr_ratio[i] * last - s.corr_phi[i] * m0 - s.corr_b[i] * res
-            x = jnp.where(s.correct[i], fixed, x)
-            # Predictor from the (corrected) sample.
-            nxt = s.pred_ratio[i] * x - s.pred_phi[i] * m
-            if k > 1:
-                nxt = nxt - s.pred_b[i] * sum(
-                    s.pred_rho[i, j - 1] * ((prev[j - 1] - m) / s.pred_rk[i, j - 1])
-                    for j in range(1, k))
-            if on_step is not None:
-                on_step(i)
-            return (nxt, x, m) + prev[:-1]
-        return step
-
     carry = (x, x) + tuple(jnp.zeros_like(x) for _ in range(k))
-    if dense_steps:
-        carry = jax.lax.fori_loop(0, dense_steps, body(True), carry)
-    if dense_steps < n:
-        carry = jax.lax.fori_loop(dense_steps, n, body(False), carry)
-    return carry[0]
+    return step_loop(step, carry, n, dense_steps=dense_steps, on_step=on_step)[0]
