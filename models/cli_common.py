@@ -1,12 +1,16 @@
-"""What the `generate` and `generate-video` commands share: the attention flags, errors
-as one line."""
+"""What the `generate` and `generate-video` commands share: the sampling and attention
+flags, errors as one line, the progress bar and timings line, output checks and atomic
+writes."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 from models.checkpoint import CheckpointError
 
@@ -60,3 +64,104 @@ def add_attention_flags(p: argparse.ArgumentParser) -> None:
                    help="first sampling steps run dense in every layer (default 0)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
                    help="parameter and compute dtype (default bf16)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, item: str) -> None:
+    """--seed, --batch and --attention of a generating command; `item` names what one seed
+    makes ("image", "video")."""
+    p.add_argument("--seed", type=int, default=0, help=f"noise seed of the first {item} "
+                                                       "(default 0)")
+    p.add_argument("--batch", type=int, default=1,
+                   help=f"{item}s of the prompt, seeds SEED, SEED+1, ... (default 1); split "
+                        "over the visible devices")
+    p.add_argument("--attention", choices=("pisa", "dense"), default="pisa",
+                   help="pisa: the published setting (first 4 layers dense); dense: all "
+                        "layers dense (default pisa)")
+
+
+def batch_seeds(args) -> list[int]:
+    """The seeds of `--seed` and `--batch`: SEED, SEED+1, ...; refuses a batch below 1."""
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1; got {args.batch}")
+    return [args.seed + i for i in range(args.batch)]
+
+
+def policy_options(args) -> dict:
+    """The PISA options given on the command line (--density, --dense-layers)."""
+    return {k: v for k, v in (("density", args.density),
+                              ("dense_layers", args.dense_layers)) if v is not None}
+
+
+# ------------------------------------------------------------------ progress, timings
+
+@contextlib.contextmanager
+def step_progress(steps: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """Yields a pipeline `progress` callback driving a tqdm bar over `steps` steps. The bar
+    opens at the first step, so compiling is not counted in, and closes at the last one
+    (before decoding) or when the block ends."""
+    from tqdm import tqdm
+    bars = []
+
+    def progress(done: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=steps, desc=desc, unit="step"))
+        bars[0].update(done - bars[0].n)
+        if done == steps:
+            bars[0].close()
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def timing_line(load_s: float, timings: dict, steps: int) -> str:
+    """One line: load, compile, text encoding, denoising (and per step) and decoding."""
+    return (f"timings: load {load_s:.1f} s, compile {timings['compile']:.1f} s, text encoding "
+            f"{timings['text_encoding']:.2f} s, denoising {timings['denoising']:.2f} s "
+            f"({timings['denoising'] / steps:.3f} s/step), decoding "
+            f"{timings['decoding']:.2f} s")
+
+
+# --------------------------------------------------------------------------- writing
+
+def check_writable(path: str) -> None:
+    """Fails before any work when `path` could not be written: the nearest existing folder
+    above it must be writable, and an existing `path` must be a writable file."""
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: {probe} is not a folder we may write in")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"cannot write {path}: the file exists and is read-only")
+
+
+def check_output_file(out: str, suffix: str) -> None:
+    """Fails before any work when `--out` does not end in `suffix` (".png"), is a folder, or
+    could not be written."""
+    if not out.lower().endswith(suffix):
+        raise ValueError(f"--out must end in {suffix}; got {out}")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder; give a file name ending in {suffix}")
+    check_writable(out)
+
+
+def atomic_write(out: str, write: Callable) -> None:
+    """`write(f)` into a temporary file beside `out`, renamed to `out` when it succeeds and
+    removed when it fails, so `out` is either complete or as it was. The file gets the
+    permissions the umask gives, like any file the user makes."""
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(out)[1], dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
 from models.checkpoint import DTYPES
-from models.cli_common import add_attention_flags, guarded
+from models.cli_common import (add_attention_flags, add_sampling_flags, atomic_write,
+                               batch_seeds, check_output_file, guarded, policy_options,
+                               step_progress, timing_line)
 
 
 # ----------------------------------------------------------------- image metrics
@@ -81,41 +82,13 @@ def ssim(x: np.ndarray, ref: np.ndarray, *, size: int = 11, sigma: float = 1.5,
 
 # -------------------------------------------------------------------- writing
 
-def check_output_file(out: str) -> None:
-    """Fails before any work when `out` is not a .png in a folder we may write in."""
-    if not out.lower().endswith(".png"):
-        raise ValueError(f"--out must end in .png; got {out}")
-    if os.path.isdir(out):
-        raise ValueError(f"--out {out} is a folder; give a file name ending in .png")
-    probe = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {out}: {probe} is not a folder we may write in")
-    if os.path.exists(out) and not os.access(out, os.W_OK):
-        raise ValueError(f"cannot write {out}: the file exists and is read-only")
-
-
 def save_png(image, out: str, text: dict[str, str]) -> None:
     """Writes a PIL image to `out` with PNG text chunks, atomically (temp file, rename)."""
     from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     for k, v in text.items():
         info.add_text(k, str(v))
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(out, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
 def output_names(out: str, n: int) -> list[str]:
@@ -190,55 +163,32 @@ def _load(args, attention: str):
     import time
     from models.flux.pipeline import FluxPipeline
     # check_arguments refused --density / --dense-layers / --dense-steps with dense attention.
-    options = {k: v for k, v in (("density", args.density),
-                                 ("dense_layers", args.dense_layers)) if v is not None}
     t0 = time.perf_counter()
     pipe = FluxPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
                                         attention=attention, transformer=args.transformer,
-                                        vae=args.vae, **options)
+                                        vae=args.vae, **policy_options(args))
     return pipe, time.perf_counter() - t0
 
 
 def _generate(pipe, prompts, seeds, args, *, dense_steps, desc):
-    from tqdm import tqdm
     steps = _default_steps(args, pipe)
-    bars = []
-
-    def progress(done):
-        if not bars:          # opened at the first step, so compiling is not counted in
-            bars.append(tqdm(total=steps, desc=desc, unit="step"))
-        bars[0].update(done - bars[0].n)
-        if done == steps:
-            bars[0].close()   # before decoding, so its time is not the loop's
-    try:
+    with step_progress(steps, desc) as progress:
         images = pipe(prompts, height=args.height, width=args.width, num_inference_steps=steps,
                       guidance_scale=args.guidance, seed=seeds,
                       max_sequence_length=args.max_sequence_length,
                       dense_steps=dense_steps, output_type="np", progress=progress).images
-    finally:
-        for bar in bars:
-            bar.close()
     return images, steps
-
-
-def _timing_line(load_s: float, timings: dict, steps: int) -> str:
-    return (f"timings: load {load_s:.1f} s, compile {timings['compile']:.1f} s, text encoding "
-            f"{timings['text_encoding']:.2f} s, denoising {timings['denoising']:.2f} s "
-            f"({timings['denoising'] / steps:.3f} s/step), decoding "
-            f"{timings['decoding']:.2f} s")
 
 
 def run_generate(args) -> int:
     from models.flux.pipeline import to_pil
-    check_output_file(args.out)
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1; got {args.batch}")
-    seeds = [args.seed + i for i in range(args.batch)]
+    check_output_file(args.out, ".png")
+    seeds = batch_seeds(args)
     check_arguments(args, args.attention, seeds)
     pipe, load_s = _load(args, args.attention)
     images, steps = _generate(pipe, [args.prompt] * args.batch, seeds, args,
                               dense_steps=args.dense_steps, desc="denoising")
-    print(_timing_line(load_s, pipe.last_timings, steps))
+    print(timing_line(load_s, pipe.last_timings, steps))
     for image, seed, out in zip(to_pil(images), seeds, output_names(args.out, args.batch)):
         save_png(image, out, {
             "prompt": args.prompt, "seed": seed, "steps": steps,
@@ -257,7 +207,7 @@ def run_generate(args) -> int:
 
 
 def run_compare(args) -> int:
-    check_output_file(args.out)
+    check_output_file(args.out, ".png")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -269,10 +219,10 @@ def run_compare(args) -> int:
     all_seeds = [s for _ in args.prompts for s in seeds]
     steps = _default_steps(args, pipe)
     dense, _ = _generate(pipe, prompts, all_seeds, args, dense_steps=steps, desc="dense")
-    print(_timing_line(load_s, pipe.last_timings, steps))
+    print(timing_line(load_s, pipe.last_timings, steps))
     sparse, _ = _generate(pipe, prompts, all_seeds, args, dense_steps=args.dense_steps,
                           desc="PISA")
-    print(_timing_line(load_s, pipe.last_timings, steps))
+    print(timing_line(load_s, pipe.last_timings, steps))
     rows, scores = [], []
     for prompt, seed, d, s in zip(prompts, all_seeds, dense, sparse):
         scores.append((psnr(s, d), ssim(s, d)))
@@ -335,14 +285,7 @@ def register(sub) -> None:
                                    "schnell), PISA attention by default.")
     g.add_argument("prompt", help="the text prompt")
     g.add_argument("--out", required=True, help="output PNG (with --batch N: OUT-0.png ...)")
-    g.add_argument("--seed", type=int, default=0, help="noise seed of the first image "
-                                                       "(default 0)")
-    g.add_argument("--batch", type=int, default=1,
-                   help="images of the prompt, seeds SEED, SEED+1, ... (default 1); split "
-                        "over the visible devices")
-    g.add_argument("--attention", choices=("pisa", "dense"), default="pisa",
-                   help="pisa: the published setting (first 4 layers dense); dense: all "
-                        "layers dense (default pisa)")
+    add_sampling_flags(g, "image")
     _common(g)
     g.set_defaults(func=_guarded(run_generate))
 

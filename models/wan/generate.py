@@ -20,59 +20,35 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 
 from models.checkpoint import DTYPES
-from models.cli_common import add_attention_flags, guarded
+from models.cli_common import (add_attention_flags, add_sampling_flags, atomic_write,
+                               batch_seeds, check_output_file, check_writable, guarded,
+                               policy_options, step_progress, timing_line)
 from models.flux.generate import check_arguments as check_common, output_names, save_png
 
 TEMPORAL_FACTOR = 4        # Wan2.1's VAE: 1 + 4k frames (checked again by the pipeline)
 
 
 def check_output(out: str, frames_dir: str | None) -> None:
-    """Fails before any work when `out` is not a .webp in a folder we may write in, or
-    `frames_dir` is an existing file."""
-    if not out.lower().endswith(".webp"):
-        raise ValueError(f"--out must end in .webp; got {out}")
-    if os.path.isdir(out):
-        raise ValueError(f"--out {out} is a folder; give a file name ending in .webp")
-    for path in (out, os.path.join(frames_dir, "x") if frames_dir else None):
-        if path is None:
-            continue
-        probe = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-            raise ValueError(f"cannot write {path}: {probe} is not a folder we may write in")
-    if os.path.exists(out) and not os.access(out, os.W_OK):
-        raise ValueError(f"cannot write {out}: the file exists and is read-only")
+    """Fails before any work when `out` is not a .webp we may write, or `frames_dir` is an
+    existing file or could not be made."""
+    check_output_file(out, ".webp")
+    if frames_dir:
+        check_writable(os.path.join(frames_dir, "x"))
 
 
 def save_webp(frames, out: str, fps: float) -> None:
     """Writes PIL frames to `out` as an animated, looping WebP, atomically."""
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".webp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            frames[0].save(f, format="WEBP", save_all=True, append_images=list(frames[1:]),
-                           duration=round(1000 / fps), loop=0, quality=90)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(out, lambda f: frames[0].save(
+        f, format="WEBP", save_all=True, append_images=list(frames[1:]),
+        duration=round(1000 / fps), loop=0, quality=90))
 
 
 def check_arguments(args) -> list[int]:
     """The run's seeds, after refusing (before loading) what the pipeline would refuse."""
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1; got {args.batch}")
-    seeds = [args.seed + i for i in range(args.batch)]
+    seeds = batch_seeds(args)
     check_common(args, args.attention, seeds)
     if args.frames < 1 or (args.frames - 1) % TEMPORAL_FACTOR:
         raise ValueError(f"--frames must be 1 + {TEMPORAL_FACTOR}k (e.g. 81); got "
@@ -84,37 +60,20 @@ def check_arguments(args) -> list[int]:
 
 
 def run_generate_video(args) -> int:
-    from tqdm import tqdm
     from models.wan.pipeline import WanPipeline, to_pil
     seeds = check_arguments(args)
-    options = {k: v for k, v in (("density", args.density),
-                                 ("dense_layers", args.dense_layers)) if v is not None}
     t0 = time.perf_counter()
     pipe = WanPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
                                        attention=args.attention, transformer=args.transformer,
-                                       vae=args.vae, **options)
+                                       vae=args.vae, **policy_options(args))
     load_s = time.perf_counter() - t0
-    bars = []
-
-    def progress(done):
-        if not bars:          # opened at the first step, so compiling is not counted in
-            bars.append(tqdm(total=args.steps, desc="denoising", unit="step"))
-        bars[0].update(done - bars[0].n)
-        if done == args.steps:
-            bars[0].close()
-    try:
+    with step_progress(args.steps, "denoising") as progress:
         videos = pipe([args.prompt] * args.batch, args.negative_prompt, height=args.height,
                       width=args.width, num_frames=args.frames,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                       seed=seeds, max_sequence_length=args.max_sequence_length,
                       dense_steps=args.dense_steps, progress=progress).frames
-    finally:
-        for bar in bars:
-            bar.close()
-    t = pipe.last_timings
-    print(f"timings: load {load_s:.1f} s, compile {t['compile']:.1f} s, text encoding "
-          f"{t['text_encoding']:.2f} s, denoising {t['denoising']:.2f} s "
-          f"({t['denoising'] / args.steps:.3f} s/step), decoding {t['decoding']:.2f} s")
+    print(timing_line(load_s, pipe.last_timings, args.steps))
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
                 "steps": args.steps, "guidance": args.guidance, "frames": args.frames,
                 "fps": args.fps, "height": args.height, "width": args.width,
@@ -162,14 +121,7 @@ def register(sub) -> None:
     g.add_argument("--fps", type=float, default=16.0,
                    help="frames per second of the WebP (default 16, Wan2.1's)")
     g.add_argument("--frames-dir", default=None, help="also write every frame as a PNG here")
-    g.add_argument("--seed", type=int, default=0, help="noise seed of the first video "
-                                                       "(default 0)")
-    g.add_argument("--batch", type=int, default=1,
-                   help="videos of the prompt, seeds SEED, SEED+1, ... (default 1); split "
-                        "over the visible devices")
-    g.add_argument("--attention", choices=("pisa", "dense"), default="pisa",
-                   help="pisa: the published setting (first 4 layers dense); dense: all "
-                        "layers dense (default pisa)")
+    add_sampling_flags(g, "video")
     g.add_argument("--transformer", help="transformer file or folder replacing "
                                          "MODEL/transformer (official or converted)")
     g.add_argument("--vae", help="VAE folder replacing MODEL/vae")
