@@ -222,6 +222,19 @@ class CompiledStages:
             raise error
         return out
 
+    def _start(self, seeds, latents, pad: int, shape, guidance: float):
+        """(starting latents, per-sample guidance), the batch padded by `pad` copies of its
+        last sample and split over the devices: noise from `seeds` (a "noise" stage taking
+        `shape`, one sample's shape) or the given `latents`."""
+        shard = NamedSharding(self.mesh, P("batch"))
+        if latents is None:
+            seeds = np.concatenate([seeds, seeds[-1:].repeat(pad)])
+            x = self._run("noise", jax.device_put(seeds, shard), shape=shape)
+        else:
+            x = np.concatenate([latents, latents[-1:].repeat(pad, 0)])
+        g = np.full((len(x),), guidance, np.float32)
+        return jax.device_put(x, shard), jax.device_put(g, shard)
+
     def _run(self, name: str, *args, **static):
         """Runs stage `name`, lowering and compiling it on the first call per shape."""
         key = (name, tuple(sorted(static.items())),

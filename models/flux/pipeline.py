@@ -277,19 +277,12 @@ class FluxPipeline(CompiledStages):
         n_dev = len(self.devices)
         pad = -b % n_dev
         prompts = prompts + prompts[-1:] * pad
-        shard = NamedSharding(self.mesh, P("batch"))
         self.last_timings = {"compile": 0.0}
 
         clock = StageClock(self.last_timings)
         txt, y = self._encode_padded(prompts, max_len)
         clock.lap("text_encoding")
-        if latents is None:
-            seeds = np.concatenate([seeds, seeds[-1:].repeat(pad)])
-            img = self._run("noise", jax.device_put(seeds, shard), shape=shape[1:])
-        else:
-            img = np.concatenate([latents, latents[-1:].repeat(pad, 0)])
-        img = jax.device_put(img, shard)
-        guidance_arr = jax.device_put(np.full((b + pad,), guidance, np.float32), shard)
+        img, guidance_arr = self._start(seeds, latents, pad, shape[1:], guidance)
         sigmas = jnp.asarray(self.scheduler.sigmas(steps, tokens))
         out = self._run_loop(progress, "denoise", self._states["transformer"], img, txt, y,
                              guidance_arr, sigmas, grid=grid, dense_steps=dense_steps)

@@ -320,20 +320,13 @@ class WanPipeline(CompiledStages):
         # Pad the batch to a multiple of the device count; extra videos are dropped.
         pad = -b % len(self.devices)
         prompts, negatives = prompts + prompts[-1:] * pad, negatives + negatives[-1:] * pad
-        shard = NamedSharding(self.mesh, P("batch"))
         self.last_timings = {"compile": 0.0}
 
         clock = StageClock(self.last_timings)
         context = self._encode_padded(prompts, max_sequence_length)
         negative = self._encode_padded(negatives, max_sequence_length) if guided else context
         clock.lap("text_encoding")
-        if latents is None:
-            seeds = np.concatenate([seeds, seeds[-1:].repeat(pad)])
-            x = self._run("noise", jax.device_put(seeds, shard), shape=shape[1:])
-        else:
-            x = np.concatenate([latents, latents[-1:].repeat(pad, 0)])
-        x = jax.device_put(x, shard)
-        g = jax.device_put(np.full((b + pad,), guidance, np.float32), shard)
+        x, g = self._start(seeds, latents, pad, shape[1:], guidance)
         plan = jax.tree.map(jnp.asarray, self.scheduler.plan(num_inference_steps))
         out = self._run_loop(progress, "denoise", self._states["transformer"], x, context,
                              negative, g, plan, guided=guided, dense_steps=dense_steps,
