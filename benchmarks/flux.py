@@ -1,7 +1,7 @@
 """Full-size FLUX.1-dev transformer forward: this project (dense, PISA) against diffusers.
 
     python benchmarks/flux.py [--sizes 1024,2048] [--out benchmarks/out] [--no-diffusers]
-        [--implementations auto,triton,mosaic]
+        [--implementations auto,triton,mosaic] [--block-size 64|128]
 
 Random bf16 weights are drawn once on the GPU in diffusers' `FluxTransformer2DModel`
 (PyTorch, SDPA attention) and copied into the Flax model through the converter's
@@ -115,10 +115,13 @@ def main(argv=None):
                    type=comma_list(str, "comma-separated backends: auto, triton, mosaic",
                                    lambda s: s in ("auto", "triton", "mosaic")),
                    help="kernel backends of the PISA layers to time (default auto)")
+    p.add_argument("--block-size", type=int, choices=(64, 128), default=64,
+                   help="PISA block size of the sparse layers (default 64, the published one)")
     args = p.parse_args(argv)
     sizes = list(args.sizes)
     os.makedirs(args.out, exist_ok=True)
-    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "sizes": {}}
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "block_size": args.block_size, "sizes": {}}
 
     def save():
         with open(os.path.join(args.out, "flux.json"), "w") as f:
@@ -156,7 +159,7 @@ def main(argv=None):
     to_array = lambda x: jnp.array(jax.dlpack.from_dlpack(x.detach().contiguous()), copy=True)
     model = model_from_tensors(FLUX_DEV, iter_diffusers_state(
         tmodel.state_dict(), FLUX_DEV, dtype=jnp.bfloat16, to_array=to_array),
-        dtype=jnp.bfloat16, policies=default_policies(FLUX_DEV, "pisa"))
+        dtype=jnp.bfloat16, policies=default_policies(FLUX_DEV, "pisa", block_size=args.block_size))
     jax.block_until_ready(nnx.state(model))
     results["weight_copy_s"] = time.perf_counter() - t0
     del tmodel

@@ -193,7 +193,7 @@ def test_mosaic_on_another_gpu_is_refused(hopper):
     (dict(dtype=jnp.float32), TypeError,
      r"implementation='mosaic' takes bfloat16, float16 inputs; got float32: use "
      r"implementation='triton'"),
-    (dict(block_size=128), ValueError, r"takes block_size 64; got 128; use implementation="),
+    (dict(block_size=32), ValueError, r"takes block_size 64 or 128; got 32; use implementation="),
     (dict(head_dim=256), ValueError, r"head dims up to 128; got D = 256; use implementation="),
 ])
 def test_mosaic_refuses_inputs_it_does_not_take(hopper, kw, error, pattern):

@@ -29,9 +29,9 @@ def _qkv(seed, b, t, h, d, dtype, layout, spread=1.0):
 
 # Statistics and selection from the reference (jitted once per shape, no other kernel
 # builds): the tests check the attention kernel alone, for a given selection.
-@functools.partial(jax.jit, static_argnames=("layout",))
-def _statistics(q, k, v, layout):
-    return pj.block_statistics(q, k, v, with_norms=True, layout=layout,
+@functools.partial(jax.jit, static_argnames=("layout", "block_size"))
+def _statistics(q, k, v, layout, block_size=64):
+    return pj.block_statistics(q, k, v, block_size=block_size, with_norms=True, layout=layout,
                                implementation="reference")
 
 
@@ -53,12 +53,13 @@ def _mosaic(q, k, v, stats, sel, order, layout, config):
                             layout=layout, config=config)
 
 
-def _against_reference(q, k, v, layout, orders=(1, 0, -1), density=0.15, config=None):
+def _against_reference(q, k, v, layout, orders=(1, 0, -1), density=0.15, config=None,
+                       block_size=64):
     """Mosaic output vs the float32 reference with the same selection, per order."""
-    stats = _statistics(q, k, v, layout)
+    stats = _statistics(q, k, v, layout, block_size)
     sel = _selection(stats, density)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref_stats = _statistics(*f32, layout)
+    ref_stats = _statistics(*f32, layout, block_size)
     errors = {}
     for order in orders:
         out = _mosaic(q, k, v, stats, sel, order, layout, config)
@@ -91,6 +92,17 @@ def test_other_pipeline_configs_agree_with_reference(config, d, t):
     assert errors[1] <= 1e-2, errors
 
 
+@pytest.mark.parametrize("dtype,d,layout,t,h", [
+    (jnp.bfloat16, 128, "bthd", 4608 - 37, 2),   # partial last block
+    (jnp.float16, 64, "bhtd", 2048, 3),          # whole blocks
+    (jnp.bfloat16, 96, "bthd", 1000, 2),          # head dim zero-padded to 128
+])
+def test_block_128_within_1e_2_of_float32_reference(dtype, d, layout, t, h):
+    errors = _against_reference(*_qkv(t + d + 1, 1, t, h, d, dtype, layout), layout,
+                                block_size=128)
+    assert all(e <= 1e-2 for e in errors.values()), errors
+
+
 def test_large_logits_stay_finite():
     # |s q.k| reaches about 80 with this spread at D = 128.
     q, k, v = _qkv(3, 1, 4096, 2, 128, jnp.bfloat16, "bthd", spread=3.9)
@@ -113,7 +125,7 @@ def test_density_one_is_dense_attention():
 
 @pytest.mark.parametrize("dtype,block_size,d,match", [
     (jnp.float32, 64, 128, "bfloat16 or float16"),
-    (jnp.bfloat16, 128, 128, "block_size 64"),
+    (jnp.bfloat16, 32, 128, "block_size 64 or 128"),
     (jnp.bfloat16, 64, 256, "head dims up to 128"),
 ])
 def test_unsupported_inputs_are_refused_clearly(dtype, block_size, d, match):

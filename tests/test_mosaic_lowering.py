@@ -21,12 +21,12 @@ from pisa_jax.kernels.pallas_mosaic_gpu import piecewise_attention as mosaic_att
 KERNEL_CALL = "stablehlo.custom_call @mosaic_gpu_v2"
 
 
-def _lowered(t, h, d, dtype, layout, order, config=None):
+def _lowered(t, h, d, dtype, layout, order, config=None, block_size=64):
     shape = (1, t, h, d) if layout == "bthd" else (1, h, t, d)
     q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(dtype)
                for key in jax.random.split(jax.random.PRNGKey(t + d), 3))
-    stats = pj.block_statistics(q, k, v, with_norms=True, layout=layout,
-                                implementation="reference")
+    stats = pj.block_statistics(q, k, v, block_size=block_size, with_norms=True,
+                                layout=layout, implementation="reference")
     sel = pj.select_blocks(stats, density=0.15, use_bias=True, implementation="reference")
     fn = jax.jit(functools.partial(mosaic_attention, scale=d ** -0.5, order=order,
                                    layout=layout, config=config))
@@ -62,3 +62,14 @@ def test_configs_differ_in_the_lowered_kernel():
     texts = {c: _lowered(941, 1, 64, jnp.bfloat16, "bthd", 1, c)[1]
              for c in (MosaicConfig(stages=2), MosaicConfig(stages=3))}
     assert len(set(texts.values())) == 2
+
+
+@pytest.mark.parametrize("t,d,layout,order", [
+    (941, 64, "bthd", 1),      # partial last block
+    (1024, 128, "bhtd", 0),
+    (1000, 96, "bthd", -1),
+])
+def test_block_128_kernel_lowers(t, d, layout, order):
+    traced, text = _lowered(t, 2, d, jnp.bfloat16, layout, order, block_size=128)
+    assert traced.out_info.shape == ((1, t, 2, d) if layout == "bthd" else (1, 2, t, d))
+    assert text.count(KERNEL_CALL) == 1

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from pisa_jax.kernels._common import shared_memory_per_block
 
 DTYPES = ("bfloat16", "float16")
-BLOCK_SIZES = (64,)
+BLOCK_SIZES = (64, 128)
 MAX_HEAD_DIM = 128
 
 
@@ -19,7 +19,8 @@ def unsupported(dtype, block_size: int, head_dim: int) -> str | None:
         return (f"the Mosaic GPU attention kernel takes bfloat16 or float16 inputs; got "
                 f"{jnp.dtype(dtype).name}")
     if block_size not in BLOCK_SIZES:
-        return f"the Mosaic GPU attention kernel takes block_size 64; got {block_size}"
+        return (f"the Mosaic GPU attention kernel takes block_size 64 or 128; got "
+                f"{block_size}")
     if head_dim > MAX_HEAD_DIM:
         return (f"the Mosaic GPU attention kernel takes head dims up to {MAX_HEAD_DIM}; "
                 f"got D = {head_dim}")
@@ -35,6 +36,10 @@ class MosaicConfig:
     per warpgroup are in flight (copied by the tensor memory accelerator) while one is
     consumed. With `ping_pong` the two warpgroups take turns on the tensor cores: one
     runs its softmax while the other's matrix products run.
+
+    At block size 128 a query block needs both compute warpgroups (64 rows each), so
+    `query_blocks_per_cta` and `ping_pong` do not apply; `stages` (default 2) counts the
+    128-key tiles in flight.
     """
 
     stages: int = 2

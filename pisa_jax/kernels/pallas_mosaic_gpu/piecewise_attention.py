@@ -29,6 +29,7 @@ from pisa_jax._blocks import (block_lengths, ceil_div, head_axis, num_blocks, pa
                              token_axis)
 from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.kernels._common import LOG2E, inference_only, shared_memory_per_block
+from pisa_jax.kernels.pallas_mosaic_gpu import wide_blocks
 from pisa_jax.kernels.pallas_mosaic_gpu.config import MosaicConfig, default_config, unsupported
 
 # Index rows travel as [K / 32, 32] and mask rows as [NT / 64, 64]: a copy box may not be
@@ -193,14 +194,14 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
         pl.when(block < nt)(compute)
 
 
-def _zeroth_mask(indices: jax.Array, nt: int, nt_pad: int, dtype) -> jax.Array:
-    """`[B, H, NT, NT_pad / 64, 64]`: 0 where the zeroth order takes key block `j`, -inf
+def _zeroth_mask(indices: jax.Array, nt: int, nt_pad: int, dtype, row: int) -> jax.Array:
+    """`[B, H, NT, NT_pad / row, row]`: 0 where the zeroth order takes key block `j`, -inf
     where it must skip it (selected for the exact path, or padding beyond NT)."""
     b, h = indices.shape[:2]
     keep = jnp.zeros((b, h, nt, nt_pad), dtype).at[..., nt:].set(-jnp.inf)
     mask = jnp.put_along_axis(keep, indices, jnp.asarray(-jnp.inf, dtype), axis=-1,
                               inplace=False)
-    return mask.reshape(b, h, nt, nt_pad // _MASK_ROW, _MASK_ROW)
+    return mask.reshape(b, h, nt, nt_pad // row, row)
 
 
 def _head_dim(d: int) -> int:
@@ -214,18 +215,24 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     dtype = q.dtype
     d_pad = _head_dim(d)
     nt = num_blocks(t, block_size)
-    nt_pad = ceil_div(nt, _MASK_ROW) * _MASK_ROW
+    row = block_size   # mask values per zeroth-order chunk: one chunk per tile
+    nt_pad = ceil_div(nt, row) * row
     num_selected = indices.shape[-1]
     k_pad = ceil_div(num_selected, _INDEX_ROW) * _INDEX_ROW
-    config = config or default_config(block_size, d_pad, jnp.dtype(dtype).itemsize, k_pad,
-                                      nt_pad)
-    groups = config.query_blocks_per_cta
-    smem = config.shared_memory_bytes(block_size, d_pad, jnp.dtype(dtype).itemsize, k_pad, nt_pad)
+    itemsize = jnp.dtype(dtype).itemsize
+    if block_size == wide_blocks.BLOCK:   # one query block per CTA, its own kernel
+        stages = config.stages if config else 2
+        smem = wide_blocks.shared_memory_bytes(stages, d_pad, itemsize, num_selected, nt_pad)
+    else:
+        config = config or default_config(block_size, d_pad, itemsize, k_pad, nt_pad)
+        stages, groups = config.stages, config.query_blocks_per_cta
+        smem = config.shared_memory_bytes(block_size, d_pad, itemsize, k_pad, nt_pad)
     limit = shared_memory_per_block()
     if smem > limit:
-        raise ValueError(f"{config} needs about {smem} bytes of shared memory at head dim "
-                         f"{d_pad}, {num_selected} selected and {nt} key blocks; the device "
-                         f"has {limit}: use fewer stages or one query block per CTA")
+        raise ValueError(f"{config or f'{stages} stages'} needs about {smem} bytes of shared "
+                         f"memory at block size {block_size}, head dim {d_pad}, "
+                         f"{num_selected} selected and {nt} key blocks; the device has "
+                         f"{limit}: use fewer stages or one query block per CTA")
 
     def prepare(x):   # zero padding is exact: padded keys are masked, padded channels add 0
         x = pad_tokens(x, block_size, layout)
@@ -239,22 +246,39 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         blocks = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, nt_pad - nt),
                                        (0, d_pad - d))).astype(dtype)
         kc, vm = blocks(k_mean), blocks(v_sum / lengths)
-        mask = _zeroth_mask(indices, nt, nt_pad, dtype)
+        mask = _zeroth_mask(indices, nt, nt_pad, dtype, row)
     else:   # the zeroth order is not run: small placeholders keep one kernel signature
         kc = vm = jnp.zeros((1, 1, block_size, d_pad), dtype)
-        mask = jnp.zeros((1, 1, 1, 1, _MASK_ROW), dtype)
+        mask = jnp.zeros((1, 1, 1, 1, row), dtype)
     if order == 1:
         mom = jnp.pad(moment / t, ((0, 0), (0, 0), (0, d_pad - d), (0, d_pad - d))).astype(dtype)
     else:
         mom = jnp.zeros((1, 1, d_pad, d_pad), dtype)
 
+    if block_size == wide_blocks.BLOCK:
+        out = wide_blocks.attention_call(
+            q, k, v, idx, kc, vm, mask, mom, num_selected=num_selected, nt=nt, num_tokens=t,
+            scale=scale, order=order, layout=layout, stages=stages)
+    else:
+        out = _call(q, k, v, idx, kc, vm, mask, mom, block_size=block_size,
+                    num_selected=num_selected, nt=nt, nt_pad=nt_pad, t=t, scale=scale,
+                    order=order, layout=layout, stages=stages, groups=groups,
+                    ping_pong=config.ping_pong and groups == 2)
+    if out.shape[ta] != t:
+        out = lax.slice_in_dim(out, 0, t, axis=ta)
+    return out[..., :d] if d_pad != d else out
+
+
+def _call(q, k, v, idx, kc, vm, mask, mom, *, block_size, num_selected, nt, nt_pad, t,
+          scale, order, layout, stages, groups, ping_pong):
+    """The block-64 kernel on prepared inputs (see `_attention`)."""
+    b, h, d_pad, dtype = q.shape[0], idx.shape[1], q.shape[-1], q.dtype
+    k_pad = idx.shape[-2] * idx.shape[-1]
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    stages = config.stages
     kernel = functools.partial(
         _kernel, block_size=block_size, num_selected=num_selected,
         num_chunks=nt_pad // block_size, nt=nt, num_tokens=t, scale=scale, order=order,
-        layout=layout, stages=stages, groups=groups,
-        ping_pong=config.ping_pong and groups == 2)
+        layout=layout, stages=stages, groups=groups, ping_pong=ping_pong)
 
     def entry(*refs):
         pl.run_scoped(
@@ -275,7 +299,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
             collective_axes="wg",
         )
 
-    out = plgpu.kernel(
+    return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         grid=(ceil_div(nt, groups), h, b),
@@ -284,9 +308,6 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, idx, kc, vm, mask, mom)
-    if out.shape[ta] != t:
-        out = lax.slice_in_dim(out, 0, t, axis=ta)
-    return out[..., :d] if d_pad != d else out
 
 
 def piecewise_attention(q, k, v, stats: BlockStatistics, selection: Selection, *, scale: float,

@@ -1,0 +1,222 @@
+"""The Mosaic GPU attention kernel for block size 128 (PISA_SPEC section 3).
+
+One CTA per (query block, head, batch). A 128-row query block is more than one wgmma
+(64 rows) can take, so its two compute warpgroups take 64 rows each, and both read the
+same key/value tiles: the selected blocks of their query block, then the block-mean keys
+and values in chunks of 128 blocks. A third, producer warpgroup copies those tiles (the
+tensor memory accelerator, `stages` slots of 128 keys and values) and refills a slot
+once both compute warpgroups have released it. Each tile does twice the work of a
+64-row query block for the same bytes, as in dense flash attention.
+
+The math is the block-64 kernel's (`piecewise_attention`): one online softmax over the
+exact and zeroth-order tiles, the zeroth order's logits shifted by `log2(len_j)`, the
+global first order as one product at the end, one write.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pisa_jax._blocks import ceil_div
+from pisa_jax.kernels._common import LOG2E
+
+BLOCK = 128             # tokens per query / key block
+ROWS = 64               # query rows per compute warpgroup (one wgmma)
+GROUPS = BLOCK // ROWS  # compute warpgroups per CTA
+INDEX_ROW = 32          # selected indices travel as [K / 32, 32]
+# Registers per thread with two compute warpgroups and the producer (64K per SM).
+_COMPUTE_REGISTERS, _PRODUCER_REGISTERS = 232, 40
+
+
+def shared_memory_bytes(stages: int, head_dim: int, itemsize: int, num_selected: int,
+                        padded_blocks: int) -> int:
+    """Shared memory one CTA asks for: query rows, the tile ring, index and mask rows,
+    the moment, and room for barriers."""
+    tile = BLOCK * head_dim * itemsize
+    return ((1 + 2 * stages) * tile + 4 * ceil_div(num_selected, INDEX_ROW) * INDEX_ROW
+            + itemsize * padded_blocks + head_dim * head_dim * itemsize + 4096)
+
+
+def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_ref, *scratch,
+            num_selected: int, num_chunks: int, nt: int, num_tokens: int, scale: float,
+            order: int, layout: str, stages: int):
+    (q_smem, k_smem, v_smem, idx_smem, mask_smem, mom_smem,
+     k_ready, v_ready, k_free, v_free, q_bar, idx_bar, mask_bar, mom_bar) = scratch
+    dtype = q_smem.dtype
+    d = q_smem.shape[-1]
+    bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+    qb, wg = lax.axis_index("blocks"), lax.axis_index("wg")
+    total = num_selected + (num_chunks if order >= 0 else 0)
+    qk_scale = scale * LOG2E
+    partial_last = num_tokens % BLOCK != 0
+    last_len = num_tokens - (nt - 1) * BLOCK
+
+    def tokens(ref, start, rows):   # `rows` tokens of (batch, head) from token `start`
+        if layout == "bthd":
+            return ref.at[bi, pl.ds(start, rows), hi]
+        return ref.at[bi, hi, pl.ds(start, rows)]
+
+    def selected(t):
+        return idx_smem[t // INDEX_ROW, t % INDEX_ROW]
+
+    @pl.when(wg == GROUPS)
+    def _producer():
+        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+        plgpu.copy_gmem_to_smem(idx_ref.at[bi, hi, qb], idx_smem, idx_bar.at[0])
+        if order >= 0:
+            plgpu.copy_gmem_to_smem(mask_ref.at[bi, hi, qb], mask_smem, mask_bar.at[0])
+        if order == 1:
+            plgpu.copy_gmem_to_smem(mom_ref.at[bi, hi], mom_smem, mom_bar.at[0])
+        plgpu.barrier_wait(idx_bar.at[0])
+
+        def copy(step, slot, exact_src, zeroth_src, dst, bar):
+            def exact():
+                plgpu.copy_gmem_to_smem(tokens(exact_src, selected(step) * BLOCK, BLOCK),
+                                        dst.at[slot], bar.at[slot])
+
+            def zeroth():
+                rows = pl.ds((step - num_selected) * BLOCK, BLOCK)
+                plgpu.copy_gmem_to_smem(zeroth_src.at[bi, hi, rows], dst.at[slot], bar.at[slot])
+
+            if isinstance(step, int):
+                (exact if step < num_selected else zeroth)()
+            elif order < 0:
+                exact()
+            else:
+                pl.when(step < num_selected)(exact)
+                pl.when(step >= num_selected)(zeroth)
+
+        for s in range(min(stages, total)):
+            copy(s, s, k_ref, kc_ref, k_smem, k_ready)
+            copy(s, s, v_ref, vm_ref, v_smem, v_ready)
+
+        @pl.loop(min(stages, total), total)
+        def _(step):
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            copy(step, slot, k_ref, kc_ref, k_smem, k_ready)
+            plgpu.barrier_wait(v_free.at[slot])
+            copy(step, slot, v_ref, vm_ref, v_smem, v_ready)
+
+    @pl.when(wg < GROUPS)
+    def _compute():
+        plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        qs = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(tokens(q_ref, qb * BLOCK + wg * ROWS, ROWS), qs, q_bar.at[wg])
+        cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, BLOCK), 1, layout=plgpu.Layout.WGMMA)
+
+        def step(t, carry, zeroth: bool):
+            acc, m, l, g = carry
+            slot = lax.rem(t, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, qs, k_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            z = pl.run_scoped(qk, plgpu.ACC((ROWS, BLOCK), jnp.float32)) * qk_scale
+            plgpu.barrier_arrive(k_free.at[slot])
+            if zeroth:
+                c = t - num_selected
+                bias = plgpu.load(mask_smem.at[c], layout=plgpu.Layout.WGMMA.reduce(0))
+                z = z + lax.broadcast_in_dim(bias.astype(jnp.float32), (ROWS, BLOCK), [1])
+                z = z + math.log2(BLOCK)
+                if partial_last:   # the short last block weighs its own length
+                    z = jnp.where(cols + c * BLOCK == nt - 1,
+                                  z + (math.log2(last_len) - math.log2(BLOCK)), z)
+            elif partial_last:     # padding keys of the last block stay out of the softmax
+                z = jnp.where(cols + selected(t) * BLOCK < num_tokens, z, -jnp.inf)
+            m_new = jnp.maximum(m, z.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(z - lax.broadcast_in_dim(m_new, (ROWS, BLOCK), [0]))
+            mass = p.sum(axis=1)
+            l = l * alpha + mass
+            g = g * alpha + mass if zeroth else g * alpha
+            acc = acc * lax.broadcast_in_dim(alpha, (ROWS, d), [0])
+            p16 = p.astype(dtype)
+            plgpu.barrier_wait(v_ready.at[slot])
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l, g
+
+        row = plgpu.Layout.WGMMA.reduce(1)
+        carry = (plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                 plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row),
+                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row),
+                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row))
+        plgpu.barrier_wait(idx_bar.at[0])
+        plgpu.barrier_wait(q_bar.at[wg])
+        carry = lax.fori_loop(0, num_selected, functools.partial(step, zeroth=False), carry)
+        if order >= 0:
+            plgpu.barrier_wait(mask_bar.at[0])
+            carry = lax.fori_loop(num_selected, total, functools.partial(step, zeroth=True),
+                                  carry)
+        acc, _, l, g = carry
+        if order == 1:
+            plgpu.barrier_wait(mom_bar.at[0])
+
+            def first_order(acc_ref):
+                plgpu.wgmma(acc_ref, qs, mom_smem)
+                return acc_ref[...]
+
+            first = pl.run_scoped(first_order, plgpu.ACC((ROWS, d), jnp.float32))
+            acc = acc + lax.broadcast_in_dim(g * scale, (ROWS, d), [0]) * first
+        acc = acc / lax.broadcast_in_dim(l, (ROWS, d), [0])
+        qs[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qs, tokens(o_ref, qb * BLOCK + wg * ROWS, ROWS))
+        plgpu.wait_smem_to_gmem(0)
+
+
+def attention_call(q, k, v, idx, kc, vm, mask, mom, *, num_selected: int, nt: int,
+                   num_tokens: int, scale: float, order: int, layout: str, stages: int):
+    """Runs the kernel on prepared inputs: q, k, v padded to whole blocks and to head dim
+    64 / 128; `idx` `[B, H, NT, K_pad / 32, 32]`; kc, vm `[B, H, NT_pad, D]` (NT_pad a
+    multiple of 128); `mask` `[B, H, NT, NT_pad / 128, 128]`; `mom` `[B, H, D, D]` (or
+    placeholders where the order does not use them)."""
+    b, h, d, dtype = q.shape[0], idx.shape[1], q.shape[-1], q.dtype
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    kernel = functools.partial(
+        _kernel, num_selected=num_selected, num_chunks=kc.shape[2] // BLOCK, nt=nt,
+        num_tokens=num_tokens, scale=scale, order=order, layout=layout, stages=stages)
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scratch: kernel(*refs, *scratch),
+            plgpu.SMEM((GROUPS, ROWS, d), dtype, transforms=swizzled),
+            plgpu.SMEM((stages, BLOCK, d), dtype, transforms=swizzled),
+            plgpu.SMEM((stages, BLOCK, d), dtype, transforms=swizzled),
+            plgpu.SMEM(idx.shape[-2:], jnp.int32),
+            plgpu.SMEM(mask.shape[-2:], dtype),
+            plgpu.SMEM(mom.shape[-2:], dtype, transforms=swizzled),
+            plgpu.Barrier(num_barriers=stages),                        # keys landed
+            plgpu.Barrier(num_barriers=stages),                        # values landed
+            plgpu.Barrier(num_arrivals=GROUPS, num_barriers=stages),   # keys released
+            plgpu.Barrier(num_arrivals=GROUPS, num_barriers=stages),   # values released
+            plgpu.Barrier(num_barriers=GROUPS),                        # query rows
+            plgpu.Barrier(num_barriers=1),                             # index row
+            plgpu.Barrier(num_barriers=1),                             # mask row
+            plgpu.Barrier(num_barriers=1),                             # moment
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(nt, h, b),
+        grid_names=("blocks", "heads", "batch"),
+        num_threads=GROUPS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, idx, kc, vm, mask, mom)
