@@ -95,25 +95,30 @@ def test_auto_off_the_gpu_is_the_reference():
 
 
 def test_table_bounds_are_inclusive():
-    for (bound, name), nxt in zip(dispatch.AUTO_TABLE, dispatch.AUTO_TABLE[1:]):
-        assert dispatch.table_choice(bound) == name
-        assert dispatch.table_choice(bound + 1) == nxt[1]
-    last = dispatch.AUTO_TABLE[-1][0]
-    assert dispatch.table_choice(last + 1) == dispatch.AUTO_BEYOND_TABLE
-    assert dispatch.table_choice(1) == dispatch.AUTO_TABLE[0][1]
+    for block_size, (table, beyond) in dispatch.AUTO_TABLE.items():
+        for (bound, name), nxt in zip(table, table[1:]):
+            assert dispatch.table_choice(bound, block_size) == name
+            assert dispatch.table_choice(bound + 1, block_size) == nxt[1]
+        last = table[-1][0] if table else 0
+        assert dispatch.table_choice(last + 1, block_size) == beyond
+        assert dispatch.table_choice(1, block_size) == (table[0][1] if table else beyond)
+    assert dispatch.table_choice(4608, 32) == "triton"      # a block size not in the table
 
 
 def test_table_follows_the_measured_shapes():
     # flux-1024, flux-2048, seq-32k, wan-720p: the faster backend in the runs cited beside
-    # the table (flux-1024: the FLUX forward, where Mosaic gains nothing and compiles
-    # slower; the others: the whole op).
-    got = [dispatch.table_choice(t) for t in (4608, 16896, 32768, 75776)]
-    assert got == ["triton", "triton", "mosaic", "triton"]
+    # the table (block 64 at flux-1024: the FLUX forward, where Mosaic gains nothing and
+    # compiles slower; the others: the whole op).
+    shapes = (4608, 16896, 32768, 75776)
+    assert [dispatch.table_choice(t, 64) for t in shapes] == \
+        ["triton", "triton", "mosaic", "triton"]
+    assert [dispatch.table_choice(t, 128) for t in shapes] == ["mosaic"] * 4
 
 
 def test_auto_keeps_triton_on_the_gpu_until_mosaic_is_validated(hopper):
     hopper.setattr(dispatch, "MOSAIC_VALIDATED", False)
-    assert {_choice(t=t) for t in (4608, 16896, 32768, 75776)} == {"triton"}
+    assert {_choice(t=t, block_size=bs) for t in (4608, 16896, 32768, 75776)
+            for bs in (64, 128)} == {"triton"}
 
 
 def test_auto_per_shape_once_mosaic_is_validated(hopper):
@@ -122,7 +127,9 @@ def test_auto_per_shape_once_mosaic_is_validated(hopper):
         ["triton", "triton", "mosaic", "triton"]
     # Inputs Mosaic does not take fall back to Triton, and float64 to the reference.
     assert _choice(dtype=jnp.float32) == "triton"
-    assert _choice(block_size=128) == "triton"
+    assert [_choice(t=t, block_size=128) for t in (4608, 16896, 32768, 75776)] == \
+        ["mosaic"] * 4
+    assert _choice(block_size=32) == "triton"
     assert _choice(head_dim=256) == "triton"
     assert _choice(interpret=True) == "triton"
     with jax.enable_x64(True):

@@ -73,3 +73,28 @@ def test_block_128_kernel_lowers(t, d, layout, order):
     traced, text = _lowered(t, 2, d, jnp.bfloat16, layout, order, block_size=128)
     assert traced.out_info.shape == ((1, t, 2, d) if layout == "bthd" else (1, 2, t, d))
     assert text.count(KERNEL_CALL) == 1
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_layers_with_one_shape_share_one_kernel(block_size):
+    # Three attention layers of one shape (as in a model): one Mosaic module in the
+    # lowered program, called three times, so it is compiled once; a fourth call with
+    # another order is a second kernel.
+    t, h, d = 700, 2, 64
+    keys = jax.random.split(jax.random.PRNGKey(block_size), 4)
+    qkv = [jax.random.normal(key, (3, 1, t, h, d), jnp.float32).astype(jnp.bfloat16)
+           for key in keys]
+
+    def layers(qkv):
+        outs = []
+        for i, x in enumerate(qkv):
+            q, k, v = x
+            stats = pj.block_statistics(q, k, v, block_size=block_size, with_norms=True,
+                                        implementation="reference")
+            sel = pj.select_blocks(stats, density=0.3, implementation="reference")
+            outs.append(mosaic_attention(q, k, v, stats, sel, scale=d ** -0.5,
+                                         order=1 if i < 3 else 0, layout="bthd"))
+        return outs
+
+    text = jax.jit(layers).trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(KERNEL_CALL) == 2

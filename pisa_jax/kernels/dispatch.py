@@ -4,7 +4,7 @@
   "triton"     the Pallas Triton kernels (`pallas_triton/`) for the block statistics, the
                top-k and the attention; on a GPU, or on the CPU with `interpret=True`.
   "mosaic"     the attention kernel on Pallas Mosaic GPU (`pallas_mosaic_gpu/`, Hopper:
-               compute capability 9.x, bfloat16/float16, block size 64, head dim <= 128);
+               compute capability 9.x, bfloat16/float16, block size 64 or 128, head dim <= 128);
                the statistics and the top-k stay on Triton.
   "auto"       off a GPU the reference; on a GPU, per shape, the backend `AUTO_TABLE`
                names (Mosaic only once `MOSAIC_VALIDATED`), falling back to Triton and
@@ -30,21 +30,25 @@ from pisa_jax._blocks import from_bhtd, to_bhtd
 from pisa_jax._checks import check_bool, check_implementation
 from pisa_jax.kernels._common import compute_capability
 
-# H200 2026-11-28, one run, whole op/cuDNN (d 0.15+bias, bf16), Mosaic|Triton: T=4608 2.11|1.91x, 16896 3.18|3.22x, 32768 3.46|3.37x, 75776 2.90|3.42x.
-# T=4608 in the FLUX.1 forward at 1024^2 (benchmarks/flux.py, same day): Mosaic 118.7 ms,
-# Triton 118.2 ms, and the Mosaic forward compiles in 123 s against 34 s: Triton there.
-# (largest T, faster attention backend), ascending in T; beyond the last bound: Triton.
-AUTO_TABLE = ((24 * 1024, "triton"), (40 * 1024, "mosaic"))
-AUTO_BEYOND_TABLE = "triton"
+# Per block size: ((largest T, faster attention backend), ascending in T), and the backend
+# beyond the last bound. Block sizes not listed run Triton.
+# Block 64, H200 2026-11-28, one run, whole op/cuDNN (d 0.15+bias, bf16), Mosaic|Triton:
+# T=4608 2.11|1.91x, 16896 3.18|3.22x, 32768 3.46|3.37x, 75776 2.90|3.42x. At T=4608 in
+# the FLUX.1 forward at 1024^2 (benchmarks/flux.py, same day): Mosaic 118.7 ms, Triton
+# 118.2 ms, and the Mosaic forward compiles in 123 s against 34 s: Triton there.
+# Block 128, H200 2026-11-28 (benchmarks/mosaic_blocks.py, whole op ms, Mosaic|Triton):
+# T=4608 0.185|0.209, 16896 1.373|1.596, 32768 4.663|5.349, 75776 43.7|46.4: Mosaic at
+# every measured T.
+AUTO_TABLE = {
+    64: (((24 * 1024, "triton"), (40 * 1024, "mosaic")), "triton"),
+    128: ((), "mosaic"),
+}
 
 # "auto" picks Mosaic from AUTO_TABLE only when this is True: every test in
 # tests/test_kernels_mosaic_gpu.py, test_backend_contract.py and test_dispatch.py passed on
-# the H200 (jax 0.11.2, 2026-11-28: 59 passed, 3 CPU-only skipped). Set it back to False
-# if a Mosaic GPU test fails; "auto" then runs Triton on every GPU.
+# the H200 (jax 0.11.2, 2026-11-28: block 64 and 128). Set it back to False if a Mosaic GPU
+# test fails; "auto" then runs Triton on every GPU.
 MOSAIC_VALIDATED = True
-# Block sizes whose Mosaic kernel the table and the GPU tests cover; block 128 runs only
-# when asked for by name until it has been measured.
-MOSAIC_AUTO_BLOCK_SIZES = (64,)
 
 
 def gpu_count() -> int:
@@ -63,11 +67,13 @@ def plain_single_device() -> bool:
     return gpu_count() == 1 and jax.sharding.get_abstract_mesh().empty
 
 
-def table_choice(num_tokens: int) -> str:
-    """The backend `AUTO_TABLE` names for a sequence of `num_tokens` tokens."""
-    bounds = [t for t, _ in AUTO_TABLE]
-    i = bisect.bisect_left(bounds, num_tokens)
-    return AUTO_TABLE[i][1] if i < len(AUTO_TABLE) else AUTO_BEYOND_TABLE
+def table_choice(num_tokens: int, block_size: int = 64) -> str:
+    """The backend `AUTO_TABLE` names for `num_tokens` tokens in blocks of `block_size`."""
+    if block_size not in AUTO_TABLE:
+        return "triton"
+    table, beyond = AUTO_TABLE[block_size]
+    i = bisect.bisect_left([t for t, _ in table], num_tokens)
+    return table[i][1] if i < len(table) else beyond
 
 
 # ------------------------------------------------------------------- stage adapters
@@ -236,8 +242,7 @@ def resolve(implementation, interpret, *, dtype=None,
         return BACKENDS["reference"], interpret
     candidates = ["triton", "reference"]
     if MOSAIC_VALIDATED and attention is not None and plain_single_device() and \
-            attention.block_size in MOSAIC_AUTO_BLOCK_SIZES and \
-            table_choice(attention.num_tokens) == "mosaic":
+            table_choice(attention.num_tokens, attention.block_size) == "mosaic":
         candidates.insert(0, "mosaic")
     for candidate in candidates:
         if _refusal(BACKENDS[candidate], interpret, dtype, attention) is None:
