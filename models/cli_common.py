@@ -52,11 +52,14 @@ def guarded(fn: Callable, too_large: Callable[[object], str]) -> Callable:
 
 
 def add_attention_flags(p: argparse.ArgumentParser) -> None:
-    """--density, --dense-layers, --dense-steps and --dtype (defaults: the published
-    setting, no dense steps, bf16)."""
+    """--density, --block-size, --dense-layers, --dense-steps and --dtype (defaults: the
+    published setting, no dense steps, bf16)."""
     p.add_argument("--density", type=float, default=None,
                    help="PISA density, the fraction of key blocks computed exactly "
                         "(default 0.15, the published setting)")
+    p.add_argument("--block-size", type=int, choices=(64, 128), default=None,
+                   help="PISA block size in tokens (default 64, the published setting; 128 "
+                        "selects coarser blocks and runs faster on Hopper GPUs)")
     p.add_argument("--dense-layers", type=int, default=None,
                    help="first attention layers kept dense in every step (default 4, the "
                         "published setting)")
@@ -86,10 +89,20 @@ def batch_seeds(args) -> list[int]:
     return [args.seed + i for i in range(args.batch)]
 
 
+PISA_FLAGS = (("density", 0.15), ("block_size", 64), ("dense_layers", 4))   # and defaults
+
+
 def policy_options(args) -> dict:
-    """The PISA options given on the command line (--density, --dense-layers)."""
-    return {k: v for k, v in (("density", args.density),
-                              ("dense_layers", args.dense_layers)) if v is not None}
+    """The PISA options given on the command line (--density, --block-size,
+    --dense-layers)."""
+    return {k: getattr(args, k) for k, _ in PISA_FLAGS if getattr(args, k) is not None}
+
+
+def pisa_settings(args, attention: str) -> dict:
+    """The PISA options in effect (given or default), as written into the outputs'
+    metadata; "n/a" for each with dense attention."""
+    return {k: (getattr(args, k) if getattr(args, k) is not None else default)
+            if attention == "pisa" else "n/a" for k, default in PISA_FLAGS}
 
 
 # ------------------------------------------------------------------ progress, timings

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from models.cli_common import atomic_write, batch_seeds, check_output_file, timing_line
+from models.cli_common import (add_attention_flags, atomic_write, batch_seeds,
+                               check_output_file, pisa_settings, policy_options, timing_line)
 
 
 def test_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path):
@@ -44,3 +45,24 @@ def test_batch_seeds_and_timing_line():
                              "decoding": 0.25}, steps=8)
     assert line == ("timings: load 1.0 s, compile 2.0 s, text encoding 0.50 s, denoising "
                     "4.00 s (0.500 s/step), decoding 0.25 s")
+
+
+def test_pisa_flags_reach_the_policies_and_the_metadata():
+    from models.flux import FLUX_DEV, default_policies
+    p = argparse.ArgumentParser()
+    add_attention_flags(p)
+    given = p.parse_args(["--block-size", "128", "--density", "0.25"])
+    assert policy_options(given) == {"density": 0.25, "block_size": 128}
+    policies = default_policies(FLUX_DEV, "pisa", **policy_options(given))
+    sparse = [q for q in policies if q.kind == "pisa"]
+    assert sparse and all(q.block_size == 128 and q.density == 0.25 for q in sparse)
+    assert pisa_settings(given, "pisa") == {"density": 0.25, "block_size": 128,
+                                            "dense_layers": 4}
+    assert pisa_settings(given, "dense") == dict.fromkeys(("density", "block_size",
+                                                           "dense_layers"), "n/a")
+    defaults = p.parse_args([])
+    assert policy_options(defaults) == {}
+    assert pisa_settings(defaults, "pisa") == {"density": 0.15, "block_size": 64,
+                                               "dense_layers": 4}
+    with pytest.raises(SystemExit):   # argparse: "invalid choice: 32 (choose from 64, 128)"
+        p.parse_args(["--block-size", "32"])

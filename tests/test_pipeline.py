@@ -331,7 +331,8 @@ def test_generate_command_writes_a_png_with_its_settings(tmp_path, capsys):
     assert cli.main(["generate", "a red fox", "--model", folder("dev"), "--out", str(out),
                      "--height", "32", "--width", "48", "--steps", "2", "--seed", "4",
                      "--guidance", "2.5", "--dtype", "fp32", "--max-sequence-length", "8",
-                     "--density", "0.5", "--dense-layers", "1", "--dense-steps", "1"]) == 0
+                     "--density", "0.5", "--dense-layers", "1", "--dense-steps", "1",
+                     "--block-size", "128"]) == 0
     printed = capsys.readouterr().out
     assert "timings: load" in printed and "compile" in printed and "decoding" in printed
     image = Image.open(out)
@@ -339,7 +340,7 @@ def test_generate_command_writes_a_png_with_its_settings(tmp_path, capsys):
     assert image.text["prompt"] == "a red fox" and image.text["seed"] == "4"
     assert image.text["steps"] == "2" and image.text["guidance"] == "2.5"
     assert image.text["attention"] == "pisa" and image.text["density"] == "0.5"
-    assert image.text["dense_layers"] == "1" and image.text["dense_steps"] == "1"
+    assert image.text["dense_layers"] == "1" and image.text["block_size"] == "128"
     assert image.text["dense_steps"] == "1" and image.text["model"] == folder("dev")
     assert [p.name for p in out.parent.iterdir()] == ["fox.png"]     # no temp file left
 
@@ -369,6 +370,8 @@ def test_commands_check_their_arguments_before_loading_anything(tmp_path, capsys
          "--density 0.5 would do nothing with --attention dense"),
         (["--attention", "dense", "--dense-layers", "2", "--density", "0.3"],
          "--density 0.3 and --dense-layers 2 would do nothing"),
+        (["--attention", "dense", "--block-size", "128"],
+         "--block-size 128 would do nothing with --attention dense"),
         (["--attention", "dense", "--dense-steps", "1"],
          "--dense-steps 1 would do nothing with --attention dense"),
         (["--seed", "-1"],
@@ -426,7 +429,7 @@ def test_compare_command_writes_a_grid_and_prints_psnr_and_ssim(tmp_path, capsys
     grid = Image.open(out)
     # dense | PISA | diff, 2 prompts x 2 seeds; a 14-pixel header and a caption per row
     assert grid.size == (3 * 128, 14 + 4 * (14 + 128))
-    assert grid.text["seeds"] == "0,1"
+    assert grid.text["seeds"] == "0,1" and grid.text["block_size"] == "64"
 
 
 def test_labelled_grid_puts_each_row_under_its_caption_pixel_for_pixel():

@@ -31,8 +31,8 @@ import numpy as np
 
 from models.checkpoint import DTYPES
 from models.cli_common import (add_attention_flags, add_sampling_flags, atomic_write,
-                               batch_seeds, check_output_file, guarded, policy_options,
-                               step_progress, timing_line)
+                               batch_seeds, check_output_file, guarded, pisa_settings,
+                               policy_options, step_progress, timing_line)
 
 
 # ----------------------------------------------------------------- image metrics
@@ -127,8 +127,9 @@ def check_arguments(args, attention: str, seeds: list[int]) -> None:
     from models.flux.pipeline_checks import check_arguments as check
     if attention == "dense":
         given = [f"--{k.replace('_', '-')} {v}" for k, v in (
-            ("density", args.density), ("dense_layers", args.dense_layers),
-            ("dense_steps", args.dense_steps or None)) if v is not None]
+            ("density", args.density), ("block_size", args.block_size),
+            ("dense_layers", args.dense_layers), ("dense_steps", args.dense_steps or None))
+            if v is not None]
         if given:
             raise ValueError(f"{' and '.join(given)} would do nothing with --attention dense "
                              f"(every layer dense); drop {'them' if len(given) > 1 else 'it'} "
@@ -195,11 +196,7 @@ def run_generate(args) -> int:
             "guidance": (args.guidance if args.guidance is not None else 3.5)
             if pipe.is_dev else "none (schnell)",
             "height": args.height, "width": args.width, "attention": args.attention,
-            "density": (args.density if args.density is not None else 0.15)
-            if args.attention == "pisa" else "n/a",
-            "dense_layers": (args.dense_layers if args.dense_layers is not None else 4)
-            if args.attention == "pisa" else "n/a",
-            "dense_steps": args.dense_steps, "model": os.path.abspath(args.model),
+            **pisa_settings(args, args.attention), "dense_steps": args.dense_steps, "model": os.path.abspath(args.model),
             "transformer": args.transformer or "", "dtype": args.dtype,
             "variant": "dev" if pipe.is_dev else "schnell", "software": "pisa-jax"})
         print(f"wrote {out}")
@@ -238,9 +235,7 @@ def run_compare(args) -> int:
     save_png(grid, args.out, {
         "prompts": " | ".join(args.prompts), "seeds": args.seeds, "steps": steps,
         "columns": "dense | PISA | 4 x abs diff", "rows": "prompts x seeds",
-        "density": args.density if args.density is not None else 0.15,
-        "dense_layers": args.dense_layers if args.dense_layers is not None else 4,
-        "dense_steps": args.dense_steps, "model": os.path.abspath(args.model),
+        **pisa_settings(args, "pisa"), "dense_steps": args.dense_steps, "model": os.path.abspath(args.model),
         "mean_psnr": f"{p_mean:.3f}", "mean_ssim": f"{s_mean:.5f}", "software": "pisa-jax"})
     print(f"wrote {args.out}")
     return 0

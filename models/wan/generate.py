@@ -25,7 +25,7 @@ import time
 from models.checkpoint import DTYPES
 from models.cli_common import (add_attention_flags, add_sampling_flags, atomic_write,
                                batch_seeds, check_output_file, check_writable, guarded,
-                               policy_options, step_progress, timing_line)
+                               pisa_settings, policy_options, step_progress, timing_line)
 from models.flux.generate import check_arguments as check_common, output_names, save_png
 
 TEMPORAL_FACTOR = 4        # Wan2.1's VAE: 1 + 4k frames (checked again by the pipeline)
@@ -77,7 +77,8 @@ def run_generate_video(args) -> int:
     settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
                 "steps": args.steps, "guidance": args.guidance, "frames": args.frames,
                 "fps": args.fps, "height": args.height, "width": args.width,
-                "attention": args.attention, "dense_steps": args.dense_steps,
+                "attention": args.attention, **pisa_settings(args, args.attention),
+                "dense_steps": args.dense_steps,
                 "model": os.path.abspath(args.model), "dtype": args.dtype,
                 "software": "pisa-jax"}
     for i, (frames, seed, out) in enumerate(zip(to_pil(videos), seeds,
