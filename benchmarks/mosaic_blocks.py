@@ -12,7 +12,7 @@ import json, os, sys, time
 sys.path.insert(0, os.getcwd())
 import jax, jax.numpy as jnp
 import pisa_jax as pj
-from pisa_jax.kernels.pallas_mosaic_gpu import piecewise_attention as mosaic
+from pisa_jax.kernels.pallas_mosaic_gpu import MosaicConfig, piecewise_attention as mosaic
 import functools
 from pisa_jax.kernels.pallas_triton.piecewise_attention import piecewise_attention as _triton
 triton = functools.partial(_triton, interpret=False)
@@ -60,7 +60,11 @@ for name in args.shapes.split(","):
                 q, k, v, density=0.15, block_size=bs, use_bias=True, implementation=impl))
             r[f"b{bs} {impl} whole op ms"] = ms = time_per_call(op, q, k, v) * 1e3
             print(name, bs, impl, "whole op", f"{ms:.3f} ms", flush=True)
-        for impl, fn in (("mosaic", mosaic), ("triton", triton)):
+        variants = [("mosaic", mosaic), ("triton", triton)]
+        if bs == 128:   # the block-128 kernel's launch options
+            variants += [(f"mosaic {label}", functools.partial(mosaic, config=cfg))
+                         for label, cfg in (("ping-pong", MosaicConfig(ping_pong=True)),)]
+        for impl, fn in variants:
             for order in (-1, 1):
                 f = jax.jit(lambda q, k, v, st, se, fn=fn, order=order: fn(q, k, v, st, se, scale=D ** -0.5, order=order, layout="bthd"))
                 ms = time_per_call(f, q, k, v, st, se) * 1e3

@@ -103,6 +103,17 @@ def test_block_128_within_1e_2_of_float32_reference(dtype, d, layout, t, h):
     assert all(e <= 1e-2 for e in errors.values()), errors
 
 
+@pytest.mark.parametrize("config,d,t", [
+    (MosaicConfig(stages=2, ping_pong=True), 128, 2245),   # partial last block
+    (MosaicConfig(stages=4, ping_pong=True), 64, 941),
+    (MosaicConfig(stages=1), 128, 2048),
+])
+def test_block_128_pipeline_configs_agree_with_reference(config, d, t):
+    q, k, v = _qkv(7, 1, t, 2, d, jnp.bfloat16, "bthd")
+    errors = _against_reference(q, k, v, "bthd", config=config, block_size=128)
+    assert all(e <= 1e-2 for e in errors.values()), errors
+
+
 def test_large_logits_stay_finite():
     # |s q.k| reaches about 80 with this spread at D = 128.
     q, k, v = _qkv(3, 1, 4096, 2, 128, jnp.bfloat16, "bthd", spread=3.9)

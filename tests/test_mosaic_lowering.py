@@ -98,3 +98,30 @@ def test_layers_with_one_shape_share_one_kernel(block_size):
 
     text = jax.jit(layers).trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count(KERNEL_CALL) == 2
+
+
+@pytest.mark.parametrize("config,d,order", [
+    (MosaicConfig(stages=2, ping_pong=True), 128, 1),
+    (MosaicConfig(stages=4, ping_pong=True), 64, 1),
+    (MosaicConfig(stages=5), 64, 0),
+    (MosaicConfig(stages=1), 128, -1),
+])
+def test_block_128_launch_configs_lower(config, d, order):
+    traced, text = _lowered(941, 2, d, jnp.bfloat16, "bthd", order, config, block_size=128)
+    assert traced.out_info.shape == (1, 941, 2, d)
+    assert text.count(KERNEL_CALL) == 1
+
+
+def test_block_128_configs_differ_in_the_lowered_kernel():
+    # Stages and ping-pong reach the block-128 kernel.
+    texts = {c: _lowered(941, 1, 128, jnp.bfloat16, "bthd", 1, c, block_size=128)[1]
+             for c in (MosaicConfig(stages=2), MosaicConfig(stages=2, ping_pong=True),
+                       MosaicConfig(stages=1))}
+    assert len(set(texts.values())) == 3
+
+
+def test_block_128_three_stages_at_head_dim_128_are_refused_by_size():
+    # 7 tiles of 128 x 128 bf16 (query rows, 3 key and 3 value slots) plus the rest pass
+    # the 227 KiB a Hopper block may use: Mosaic refuses it when lowering.
+    with pytest.raises(ValueError, match="shared memory"):
+        _lowered(941, 1, 128, jnp.bfloat16, "bthd", -1, MosaicConfig(stages=3), block_size=128)

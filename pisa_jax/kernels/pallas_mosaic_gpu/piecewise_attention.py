@@ -263,7 +263,8 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     if block_size == wide_blocks.BLOCK:
         out = wide_blocks.attention_call(
             q, k, v, idx, kc, vm, mask, mom, num_selected=num_selected, nt=nt, num_tokens=t,
-            scale=scale, order=order, layout=layout, stages=stages)
+            scale=scale, order=order, layout=layout, stages=stages,
+            ping_pong=bool(config and config.ping_pong))
     else:
         out = _call(q, k, v, idx, kc, vm, mask, mom, block_size=block_size,
                     num_selected=num_selected, nt=nt, nt_pad=nt_pad, t=t, scale=scale,

@@ -8,6 +8,11 @@ tensor memory accelerator, `stages` slots of 128 keys and values) and refills a 
 once both compute warpgroups have released it. Each tile does twice the work of a
 64-row query block for the same bytes, as in dense flash attention.
 
+With `MosaicConfig.ping_pong` the compute warpgroups take turns on the tensor cores: one
+runs its softmax while the other's products run, warpgroup 1 half a step behind. At head
+dim 128 only 2 stages fit (3 would need 235 KB of shared memory with the barriers'
+alignment; the device has 227 KB); at head dim 64, up to 5.
+
 The math is the block-64 kernel's (`piecewise_attention`): one online softmax over the
 exact and zeroth-order tiles, the zeroth order's logits shifted by `log2(len_j)`, the
 global first order as one product at the end, one write.
@@ -38,7 +43,7 @@ _COMPUTE_REGISTERS, _PRODUCER_REGISTERS = 232, 40
 def shared_memory_bytes(stages: int, head_dim: int, itemsize: int, num_selected: int,
                         padded_blocks: int) -> int:
     """Shared memory one CTA asks for: query rows, the tile ring, index and mask rows,
-    the moment, and room for barriers."""
+    the moment, and room for barriers and alignment."""
     tile = BLOCK * head_dim * itemsize
     return ((1 + 2 * stages) * tile + 4 * ceil_div(num_selected, INDEX_ROW) * INDEX_ROW
             + itemsize * padded_blocks + head_dim * head_dim * itemsize + 4096)
@@ -46,9 +51,9 @@ def shared_memory_bytes(stages: int, head_dim: int, itemsize: int, num_selected:
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_ref, *scratch,
             num_selected: int, num_chunks: int, nt: int, num_tokens: int, scale: float,
-            order: int, layout: str, stages: int):
+            order: int, layout: str, stages: int, ping_pong: bool):
     (q_smem, k_smem, v_smem, idx_smem, mask_smem, mom_smem,
-     k_ready, v_ready, k_free, v_free, q_bar, idx_bar, mask_bar, mom_bar) = scratch
+     k_ready, v_ready, k_free, v_free, q_bar, idx_bar, mask_bar, mom_bar, turn_bar) = scratch
     dtype = q_smem.dtype
     d = q_smem.shape[-1]
     bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
@@ -57,6 +62,9 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
     qk_scale = scale * LOG2E
     partial_last = num_tokens % BLOCK != 0
     last_len = num_tokens - (nt - 1) * BLOCK
+    def turn():   # both compute warpgroups meet here (ping-pong only)
+        plgpu.barrier_arrive(turn_bar)
+        plgpu.barrier_wait(turn_bar)
 
     def tokens(ref, start, rows):   # `rows` tokens of (batch, head) from token `start`
         if layout == "bthd":
@@ -119,6 +127,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, qs, k_smem.at[slot].transpose((1, 0)))
+                if ping_pong:   # let the other warpgroup's products start after ours
+                    turn()
                 return acc_ref[...]
 
             z = pl.run_scoped(qk, plgpu.ACC((ROWS, BLOCK), jnp.float32)) * qk_scale
@@ -141,7 +151,12 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
             g = g * alpha + mass if zeroth else g * alpha
             acc = acc * lax.broadcast_in_dim(alpha, (ROWS, d), [0])
             p16 = p.astype(dtype)
-            plgpu.barrier_wait(v_ready.at[slot])
+            if ping_pong:   # softmax done; start P V once the other one's products are issued
+                plgpu.barrier_arrive(turn_bar)
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(turn_bar)
+            else:
+                plgpu.barrier_wait(v_ready.at[slot])
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -157,11 +172,15 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
                  plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row))
         plgpu.barrier_wait(idx_bar.at[0])
         plgpu.barrier_wait(q_bar.at[wg])
+        if ping_pong:   # warpgroup 1 starts half a step behind warpgroup 0
+            pl.when(wg == 1)(turn)
         carry = lax.fori_loop(0, num_selected, functools.partial(step, zeroth=False), carry)
         if order >= 0:
             plgpu.barrier_wait(mask_bar.at[0])
             carry = lax.fori_loop(num_selected, total, functools.partial(step, zeroth=True),
                                   carry)
+        if ping_pong:
+            pl.when(wg == 0)(turn)
         acc, _, l, g = carry
         if order == 1:
             plgpu.barrier_wait(mom_bar.at[0])
@@ -180,7 +199,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
 
 
 def attention_call(q, k, v, idx, kc, vm, mask, mom, *, num_selected: int, nt: int,
-                   num_tokens: int, scale: float, order: int, layout: str, stages: int):
+                   num_tokens: int, scale: float, order: int, layout: str, stages: int,
+                   ping_pong: bool = False):
     """Runs the kernel on prepared inputs: q, k, v padded to whole blocks and to head dim
     64 / 128; `idx` `[B, H, NT, K_pad / 32, 32]`; kc, vm `[B, H, NT_pad, D]` (NT_pad a
     multiple of 128); `mask` `[B, H, NT, NT_pad / 128, 128]`; `mom` `[B, H, D, D]` (or
@@ -189,7 +209,9 @@ def attention_call(q, k, v, idx, kc, vm, mask, mom, *, num_selected: int, nt: in
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(
         _kernel, num_selected=num_selected, num_chunks=kc.shape[2] // BLOCK, nt=nt,
-        num_tokens=num_tokens, scale=scale, order=order, layout=layout, stages=stages)
+        num_tokens=num_tokens, scale=scale, order=order, layout=layout, stages=stages,
+        ping_pong=ping_pong)
+
 
     def entry(*refs):
         pl.run_scoped(
@@ -199,7 +221,8 @@ def attention_call(q, k, v, idx, kc, vm, mask, mom, *, num_selected: int, nt: in
             plgpu.SMEM((stages, BLOCK, d), dtype, transforms=swizzled),
             plgpu.SMEM(idx.shape[-2:], jnp.int32),
             plgpu.SMEM(mask.shape[-2:], dtype),
-            plgpu.SMEM(mom.shape[-2:], dtype, transforms=swizzled),
+            plgpu.SMEM(mom.shape[-2:] if order == 1 else (8, 64), dtype,
+                       transforms=swizzled),
             plgpu.Barrier(num_barriers=stages),                        # keys landed
             plgpu.Barrier(num_barriers=stages),                        # values landed
             plgpu.Barrier(num_arrivals=GROUPS, num_barriers=stages),   # keys released
@@ -208,6 +231,7 @@ def attention_call(q, k, v, idx, kc, vm, mask, mom, *, num_selected: int, nt: in
             plgpu.Barrier(num_barriers=1),                             # index row
             plgpu.Barrier(num_barriers=1),                             # mask row
             plgpu.Barrier(num_barriers=1),                             # moment
+            plgpu.Barrier(num_arrivals=GROUPS),                        # ping-pong turns
             collective_axes="wg",
         )
 
