@@ -98,3 +98,17 @@ def test_layers_with_one_shape_share_one_kernel(block_size):
 
     text = jax.jit(layers).trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count(KERNEL_CALL) == 2
+
+
+@pytest.mark.parametrize("config", [MosaicConfig(query_blocks_per_cta=1),
+                                    MosaicConfig(ping_pong=True)])
+def test_block_128_refuses_options_it_would_ignore(config):
+    with pytest.raises(ValueError, match=r"MosaicConfig takes only `stages` there; got "
+                                         r"MosaicConfig\("):
+        _lowered(941, 1, 64, jnp.bfloat16, "bthd", 1, config, block_size=128)
+
+
+def test_too_many_stages_are_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"shared memory .* use fewer stages or "
+                                         r"implementation='triton'"):
+        _lowered(941, 1, 128, jnp.bfloat16, "bthd", 1, MosaicConfig(stages=3), block_size=128)
