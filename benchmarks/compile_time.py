@@ -6,6 +6,8 @@ One jitted function applies the whole op `n` times (to different inputs, flux-10
 bf16, density 0.15 with bias), so the time to lower and to compile it shows how the cost
 grows with the number of attention layers in a model. With --cache-dir the JAX persistent
 compilation cache is on (run twice to see a warm cache). Prints one JSON line per case.
+JAX's caches are cleared between cases, but kernels compiled by an earlier case of the
+same process may still be reused: for clean figures give one --calls value per process.
 """
 import argparse
 import functools
@@ -49,6 +51,7 @@ def main(argv=None):
                 # n call sites, as n attention layers would be
                 return jnp.stack([op(x[i, 0], x[i, 1], x[i, 2]) for i in range(n)])
             x = jax.random.normal(jax.random.PRNGKey(n), (n, 3, 1, t, h, d), jnp.bfloat16)
+            jax.clear_caches()
             t0 = time.perf_counter()
             lowered = jax.jit(f).lower(x)
             t1 = time.perf_counter()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -89,20 +91,28 @@ def batch_seeds(args) -> list[int]:
     return [args.seed + i for i in range(args.batch)]
 
 
-PISA_FLAGS = (("density", 0.15), ("block_size", 64), ("dense_layers", 4))   # and defaults
+@functools.cache
+def pisa_flags() -> tuple[tuple[str, object], ...]:
+    """(option, default) of the PISA flags, the defaults read from pisa_jax itself."""
+    import inspect
+    from pisa_jax.nn import AttentionPolicy, layer_policies
+    fields = {f.name: f.default for f in dataclasses.fields(AttentionPolicy)}
+    dense_layers = inspect.signature(layer_policies).parameters["dense_layers"].default
+    return (("density", fields["density"]), ("block_size", fields["block_size"]),
+            ("dense_layers", dense_layers))
 
 
 def policy_options(args) -> dict:
     """The PISA options given on the command line (--density, --block-size,
     --dense-layers)."""
-    return {k: getattr(args, k) for k, _ in PISA_FLAGS if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k, _ in pisa_flags() if getattr(args, k) is not None}
 
 
 def pisa_settings(args, attention: str) -> dict:
     """The PISA options in effect (given or default), as written into the outputs'
     metadata; "n/a" for each with dense attention."""
     return {k: (getattr(args, k) if getattr(args, k) is not None else default)
-            if attention == "pisa" else "n/a" for k, default in PISA_FLAGS}
+            if attention == "pisa" else "n/a" for k, default in pisa_flags()}
 
 
 # ------------------------------------------------------------------ progress, timings

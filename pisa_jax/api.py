@@ -135,8 +135,8 @@ def piecewise_sparse_attention(
       implementation: "auto" (off a GPU the reference; on a GPU, per shape, the faster
         kernel backend that takes the inputs: `pisa_jax.kernels.dispatch`), "triton"
         (bfloat16, float16, float32), "mosaic" (the attention on Pallas Mosaic GPU,
-        statistics and top-k on Triton; Hopper GPUs, bfloat16/float16, block_size 64,
-        head dim <= 128) or "reference" (any float dtype, float64 included). "pallas" is
+        statistics and top-k on Triton; Hopper GPUs, bfloat16/float16, block_size 64 or
+        128, head dim <= 128) or "reference" (any float dtype, float64 included). "pallas" is
         the old name of "triton" (DeprecationWarning).
       interpret: run the Triton kernels in interpret mode (default: when not on a GPU).
     Returns:

@@ -113,6 +113,7 @@ def test_table_follows_the_measured_shapes():
     assert [dispatch.table_choice(t, 64) for t in shapes] == \
         ["triton", "triton", "mosaic", "triton"]
     assert [dispatch.table_choice(t, 128) for t in shapes] == ["mosaic"] * 4
+    assert dispatch.table_choice(1 << 20, 128) == "triton"   # beyond the measured range
 
 
 def test_auto_keeps_triton_on_the_gpu_until_mosaic_is_validated(hopper):
@@ -127,8 +128,8 @@ def test_auto_per_shape_once_mosaic_is_validated(hopper):
         ["triton", "triton", "mosaic", "triton"]
     # Inputs Mosaic does not take fall back to Triton, and float64 to the reference.
     assert _choice(dtype=jnp.float32) == "triton"
-    assert [_choice(t=t, block_size=128) for t in (4608, 16896, 32768, 75776)] == \
-        ["mosaic"] * 4
+    assert [_choice(t=t, block_size=128) for t in (4608, 16896, 32768, 75776, 1 << 20)] == \
+        ["mosaic"] * 4 + ["triton"]
     assert _choice(block_size=32) == "triton"
     assert _choice(head_dim=256) == "triton"
     assert _choice(interpret=True) == "triton"

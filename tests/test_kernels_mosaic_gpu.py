@@ -96,6 +96,7 @@ def test_other_pipeline_configs_agree_with_reference(config, d, t):
     (jnp.bfloat16, 128, "bthd", 4608 - 37, 2),   # partial last block
     (jnp.float16, 64, "bhtd", 2048, 3),          # whole blocks
     (jnp.bfloat16, 96, "bthd", 1000, 2),          # head dim zero-padded to 128
+    (jnp.bfloat16, 128, "bthd", 132 * 128 - 5, 1),   # 132 key blocks: two zeroth-order chunks
 ])
 def test_block_128_within_1e_2_of_float32_reference(dtype, d, layout, t, h):
     errors = _against_reference(*_qkv(t + d + 1, 1, t, h, d, dtype, layout), layout,

@@ -120,8 +120,15 @@ def test_block_128_configs_differ_in_the_lowered_kernel():
     assert len(set(texts.values())) == 3
 
 
-def test_block_128_three_stages_at_head_dim_128_are_refused_by_size():
-    # 7 tiles of 128 x 128 bf16 (query rows, 3 key and 3 value slots) plus the rest pass
-    # the 227 KiB a Hopper block may use: Mosaic refuses it when lowering.
-    with pytest.raises(ValueError, match="shared memory"):
-        _lowered(941, 1, 128, jnp.bfloat16, "bthd", -1, MosaicConfig(stages=3), block_size=128)
+@pytest.mark.parametrize("config", [MosaicConfig(query_blocks_per_cta=1)])
+def test_block_128_refuses_options_it_would_ignore(config):
+    with pytest.raises(ValueError, match=r"MosaicConfig takes only `stages` and `ping_pong` there; got "
+                                         r"MosaicConfig\("):
+        _lowered(941, 1, 64, jnp.bfloat16, "bthd", 1, config, block_size=128)
+
+
+def test_too_many_stages_are_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"shared memory .* use fewer stages or "
+                                         r"implementation='triton'"):
+        _lowered(941, 1, 128, jnp.bfloat16, "bthd", 1, MosaicConfig(stages=3), block_size=128)
+

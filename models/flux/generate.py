@@ -163,7 +163,8 @@ def _default_steps(args, pipe) -> int:
 def _load(args, attention: str):
     import time
     from models.flux.pipeline import FluxPipeline
-    # check_arguments refused --density / --dense-layers / --dense-steps with dense attention.
+    # check_arguments refused the PISA flags (--density, --block-size, --dense-layers,
+    # --dense-steps) with dense attention.
     t0 = time.perf_counter()
     pipe = FluxPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype],
                                         attention=attention, transformer=args.transformer,
@@ -196,7 +197,8 @@ def run_generate(args) -> int:
             "guidance": (args.guidance if args.guidance is not None else 3.5)
             if pipe.is_dev else "none (schnell)",
             "height": args.height, "width": args.width, "attention": args.attention,
-            **pisa_settings(args, args.attention), "dense_steps": args.dense_steps, "model": os.path.abspath(args.model),
+            **pisa_settings(args, args.attention), "dense_steps": args.dense_steps,
+            "model": os.path.abspath(args.model),
             "transformer": args.transformer or "", "dtype": args.dtype,
             "variant": "dev" if pipe.is_dev else "schnell", "software": "pisa-jax"})
         print(f"wrote {out}")
@@ -235,7 +237,8 @@ def run_compare(args) -> int:
     save_png(grid, args.out, {
         "prompts": " | ".join(args.prompts), "seeds": args.seeds, "steps": steps,
         "columns": "dense | PISA | 4 x abs diff", "rows": "prompts x seeds",
-        **pisa_settings(args, "pisa"), "dense_steps": args.dense_steps, "model": os.path.abspath(args.model),
+        **pisa_settings(args, "pisa"), "dense_steps": args.dense_steps,
+        "model": os.path.abspath(args.model),
         "mean_psnr": f"{p_mean:.3f}", "mean_ssim": f"{s_mean:.5f}", "software": "pisa-jax"})
     print(f"wrote {args.out}")
     return 0

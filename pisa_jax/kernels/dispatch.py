@@ -38,16 +38,17 @@ from pisa_jax.kernels._common import compute_capability
 # 118.2 ms, and the Mosaic forward compiles in 123 s against 34 s: Triton there.
 # Block 128, H200 2026-11-28 (benchmarks/mosaic_blocks.py, whole op ms, Mosaic|Triton):
 # T=4608 0.185|0.209, 16896 1.373|1.596, 32768 4.663|5.349, 75776 43.7|46.4: Mosaic at
-# every measured T.
+# every measured T; beyond the measured range (and where its shared memory would run out,
+# past about 1.6M tokens at density 0.15), Triton.
 AUTO_TABLE = {
     64: (((24 * 1024, "triton"), (40 * 1024, "mosaic")), "triton"),
-    128: ((), "mosaic"),
+    128: (((80 * 1024, "mosaic"),), "triton"),
 }
 
 # "auto" picks Mosaic from AUTO_TABLE only when this is True: every test in
-# tests/test_kernels_mosaic_gpu.py, test_backend_contract.py and test_dispatch.py passed on
-# the H200 (jax 0.11.2, 2026-11-28: block 64 and 128). Set it back to False if a Mosaic GPU
-# test fails; "auto" then runs Triton on every GPU.
+# tests/test_kernels_mosaic_gpu.py (block sizes 64 and 128), test_backend_contract.py and
+# test_dispatch.py passed on the H200 (jax 0.11.2, 2026-11-28). Set it back to False if a
+# Mosaic GPU test fails; "auto" then runs Triton on every GPU.
 MOSAIC_VALIDATED = True
 
 

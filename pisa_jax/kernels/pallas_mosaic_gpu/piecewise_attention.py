@@ -237,7 +237,9 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         raise ValueError(f"{config or f'{stages} stages'} needs about {smem} bytes of shared "
                          f"memory at block size {block_size}, head dim {d_pad}, "
                          f"{num_selected} selected and {nt} key blocks; the device has "
-                         f"{limit}: use fewer stages or one query block per CTA")
+                         f"{limit}: use fewer stages"
+                         f"{'' if block_size == wide_blocks.BLOCK else ', one query block per CTA'}"
+                         f" or implementation='triton'")
 
     def prepare(x):   # zero padding is exact: padded keys are masked, padded channels add 0
         x = pad_tokens(x, block_size, layout)
@@ -336,6 +338,11 @@ def piecewise_attention(q, k, v, stats: BlockStatistics, selection: Selection, *
     reason = unsupported(q.dtype, stats.block_size, q.shape[-1])
     if reason:   # the public API has checked this already; direct callers get it here
         raise ValueError(f"{reason}: use implementation='triton'")
+    if stats.block_size == wide_blocks.BLOCK and config is not None and \
+            config.query_blocks_per_cta != 2:
+        raise ValueError(f"at block size {wide_blocks.BLOCK} one query block takes both compute "
+                         f"warpgroups of a CTA, so MosaicConfig takes only `stages` and "
+                         f"`ping_pong` there; got {config}")
     run = inference_only(functools.partial(
         _attention, block_size=stats.block_size, scale=scale, order=order, layout=layout,
         config=config))
