@@ -38,8 +38,8 @@ class MosaicConfig:
     runs its softmax while the other's matrix products run.
 
     At block size 128 a query block needs both compute warpgroups (64 rows each), so
-    `query_blocks_per_cta` and `ping_pong` do not apply; `stages` (default 2) counts the
-    128-key tiles in flight.
+    only `stages` applies (default 2: the 128-key tiles in flight); other values of
+    `query_blocks_per_cta` and `ping_pong` are refused.
     """
 
     stages: int = 2
