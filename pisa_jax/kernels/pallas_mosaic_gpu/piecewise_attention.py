@@ -17,7 +17,6 @@ gets `log2(len_j)` added, so its weight `exp(b_j) len_j` multiplies the block-me
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,8 @@ from pisa_jax._blocks import (block_lengths, ceil_div, head_axis, num_blocks, pa
 from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.kernels._common import LOG2E, inference_only, shared_memory_per_block
 from pisa_jax.kernels.pallas_mosaic_gpu import wide_blocks
+from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, softmax_step,
+                                                        tile_logits)
 from pisa_jax.kernels.pallas_mosaic_gpu.config import MosaicConfig, default_config, unsupported
 
 # Index rows travel as [K / 32, 32] and mask rows as [NT / 64, 64]: a copy box may not be
@@ -54,8 +55,6 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
     qb = jnp.minimum(block, nt - 1) if ping_pong else block
     total = num_selected + (num_chunks if order >= 0 else 0)
     qk_scale = scale * LOG2E
-    partial_last = num_tokens % bs != 0
-    last_len = num_tokens - (nt - 1) * bs
 
     def tokens(ref, start):   # the [bs, D] slab of (batch, head) from token `start`
         if layout == "bthd":
@@ -109,7 +108,6 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
         cols = plgpu.broadcasted_iota(jnp.int32, (bs, bs), 1, layout=plgpu.Layout.WGMMA)
 
         def step(t, carry, zeroth: bool):
-            acc, m, l, g = carry
             slot = lax.rem(t, stages)
             plgpu.barrier_wait(slot_bar(k_bar, slot))
 
@@ -120,24 +118,12 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
                 return acc_ref[...]
 
             z = pl.run_scoped(qk, plgpu.ACC((bs, bs), jnp.float32)) * qk_scale
-            if zeroth:
-                c = t - num_selected
-                bias = plgpu.load(mask_smem.at[wg, c], layout=plgpu.Layout.WGMMA.reduce(0))
-                z = z + lax.broadcast_in_dim(bias.astype(jnp.float32), (bs, bs), [1])
-                z = z + math.log2(bs)
-                if partial_last:   # the short last block weighs its own length
-                    z = jnp.where(cols + c * bs == nt - 1,
-                                  z + (math.log2(last_len) - math.log2(bs)), z)
-            elif partial_last:   # padding keys of the last block stay out of the softmax
-                z = jnp.where(cols + selected(t) * bs < num_tokens, z, -jnp.inf)
-            m_new = jnp.maximum(m, z.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(z - lax.broadcast_in_dim(m_new, (bs, bs), [0]))
-            mass = p.sum(axis=1)
-            l = l * alpha + mass
-            g = g * alpha + mass if zeroth else g * alpha
-            acc = acc * lax.broadcast_in_dim(alpha, (bs, d), [0])
-            p16 = p.astype(dtype)
+            c = t - num_selected if zeroth else None   # the zeroth-order chunk
+            z = tile_logits(z, cols, zeroth=zeroth, chunk=c,
+                            mask_row=mask_smem.at[wg, c] if zeroth else None,
+                            key_block=lambda: selected(t), block=bs, nt=nt,
+                            num_tokens=num_tokens)
+            p16, (acc, m_new, l, g) = softmax_step(z, carry, zeroth=zeroth, dtype=dtype)
             if ping_pong:   # softmax done; start P V once the other one's products are issued
                 plgpu.barrier_arrive(turn_bar)
                 plgpu.barrier_wait(slot_bar(v_bar, slot))
@@ -154,11 +140,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
             pl.when(nxt < total)(lambda: issue(nxt, slot))
             return acc, m_new, l, g
 
-        row = plgpu.Layout.WGMMA.reduce(1)
-        carry = (plgpu.layout_cast(jnp.zeros((bs, d), jnp.float32), plgpu.Layout.WGMMA),
-                 plgpu.layout_cast(jnp.full((bs,), -jnp.inf, jnp.float32), row),
-                 plgpu.layout_cast(jnp.zeros((bs,), jnp.float32), row),
-                 plgpu.layout_cast(jnp.zeros((bs,), jnp.float32), row))
+        carry = initial_carry(bs, d)
         plgpu.barrier_wait(q_bar.at[wg])
         if ping_pong:   # warpgroup 1 starts half a step behind warpgroup 0
             pl.when(wg == 1)(turn)
@@ -169,19 +151,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
                                   carry)
         if ping_pong:
             pl.when(wg == 0)(turn)
-        acc, _, l, g = carry
-        if order == 1:
-            plgpu.barrier_wait(mom_bar.at[0])
-
-            def first_order(acc_ref):
-                plgpu.wgmma(acc_ref, qs, mom_smem)
-                return acc_ref[...]
-
-            first = pl.run_scoped(first_order, plgpu.ACC((bs, d), jnp.float32))
-            acc = acc + lax.broadcast_in_dim(g * scale, (bs, d), [0]) * first
-        acc = acc / lax.broadcast_in_dim(l, (bs, d), [0])
-        qs[...] = acc.astype(dtype)
-        plgpu.commit_smem()
+        finish(carry, qs, mom_smem, mom_bar, scale=scale, order=order)
 
         @pl.when(block < nt)
         def _():

@@ -21,7 +21,6 @@ global first order as one product at the end, one write.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pisa_jax._blocks import ceil_div
 from pisa_jax.kernels._common import LOG2E
+from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, softmax_step,
+                                                        tile_logits)
 
 BLOCK = 128             # tokens per query / key block
 ROWS = 64               # query rows per compute warpgroup (one wgmma)
@@ -60,8 +61,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
     qb, wg = lax.axis_index("blocks"), lax.axis_index("wg")
     total = num_selected + (num_chunks if order >= 0 else 0)
     qk_scale = scale * LOG2E
-    partial_last = num_tokens % BLOCK != 0
-    last_len = num_tokens - (nt - 1) * BLOCK
+
     def turn():   # both compute warpgroups meet here (ping-pong only)
         plgpu.barrier_arrive(turn_bar)
         plgpu.barrier_wait(turn_bar)
@@ -121,7 +121,6 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
         cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, BLOCK), 1, layout=plgpu.Layout.WGMMA)
 
         def step(t, carry, zeroth: bool):
-            acc, m, l, g = carry
             slot = lax.rem(t, stages)
             plgpu.barrier_wait(k_ready.at[slot])
 
@@ -133,24 +132,12 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
 
             z = pl.run_scoped(qk, plgpu.ACC((ROWS, BLOCK), jnp.float32)) * qk_scale
             plgpu.barrier_arrive(k_free.at[slot])
-            if zeroth:
-                c = t - num_selected
-                bias = plgpu.load(mask_smem.at[c], layout=plgpu.Layout.WGMMA.reduce(0))
-                z = z + lax.broadcast_in_dim(bias.astype(jnp.float32), (ROWS, BLOCK), [1])
-                z = z + math.log2(BLOCK)
-                if partial_last:   # the short last block weighs its own length
-                    z = jnp.where(cols + c * BLOCK == nt - 1,
-                                  z + (math.log2(last_len) - math.log2(BLOCK)), z)
-            elif partial_last:     # padding keys of the last block stay out of the softmax
-                z = jnp.where(cols + selected(t) * BLOCK < num_tokens, z, -jnp.inf)
-            m_new = jnp.maximum(m, z.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(z - lax.broadcast_in_dim(m_new, (ROWS, BLOCK), [0]))
-            mass = p.sum(axis=1)
-            l = l * alpha + mass
-            g = g * alpha + mass if zeroth else g * alpha
-            acc = acc * lax.broadcast_in_dim(alpha, (ROWS, d), [0])
-            p16 = p.astype(dtype)
+            c = t - num_selected if zeroth else None   # the zeroth-order chunk
+            z = tile_logits(z, cols, zeroth=zeroth, chunk=c,
+                            mask_row=mask_smem.at[c] if zeroth else None,
+                            key_block=lambda: selected(t), block=BLOCK, nt=nt,
+                            num_tokens=num_tokens)
+            p16, (acc, m_new, l, g) = softmax_step(z, carry, zeroth=zeroth, dtype=dtype)
             if ping_pong:   # softmax done; start P V once the other one's products are issued
                 plgpu.barrier_arrive(turn_bar)
                 plgpu.barrier_wait(v_ready.at[slot])
@@ -165,11 +152,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l, g
 
-        row = plgpu.Layout.WGMMA.reduce(1)
-        carry = (plgpu.layout_cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
-                 plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), row),
-                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row),
-                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row))
+        carry = initial_carry(ROWS, d)
         plgpu.barrier_wait(idx_bar.at[0])
         plgpu.barrier_wait(q_bar.at[wg])
         if ping_pong:   # warpgroup 1 starts half a step behind warpgroup 0
@@ -181,19 +164,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
                                   carry)
         if ping_pong:
             pl.when(wg == 0)(turn)
-        acc, _, l, g = carry
-        if order == 1:
-            plgpu.barrier_wait(mom_bar.at[0])
-
-            def first_order(acc_ref):
-                plgpu.wgmma(acc_ref, qs, mom_smem)
-                return acc_ref[...]
-
-            first = pl.run_scoped(first_order, plgpu.ACC((ROWS, d), jnp.float32))
-            acc = acc + lax.broadcast_in_dim(g * scale, (ROWS, d), [0]) * first
-        acc = acc / lax.broadcast_in_dim(l, (ROWS, d), [0])
-        qs[...] = acc.astype(dtype)
-        plgpu.commit_smem()
+        finish(carry, qs, mom_smem, mom_bar, scale=scale, order=order)
         plgpu.copy_smem_to_gmem(qs, tokens(o_ref, qb * BLOCK + wg * ROWS, ROWS))
         plgpu.wait_smem_to_gmem(0)
 
