@@ -87,6 +87,18 @@ def check_seed(seed, b: int) -> np.ndarray:
     return seeds.astype(np.uint32)
 
 
+def check_latents(latents, shape: tuple, axes: str) -> np.ndarray | None:
+    """Given starting latents as float32 NumPy, after checking them against `shape`
+    (`axes` says what each axis is, for the error); None when none were given."""
+    if latents is None:
+        return None
+    latents = np.asarray(latents, np.float32)
+    if latents.shape != tuple(shape):
+        raise ValueError(f"latents must have shape {list(shape)} ({axes}); got "
+                         f"{list(latents.shape)}")
+    return latents
+
+
 # ------------------------------------------------------------------------ sampling
 
 def step_loop(step: Callable, carry, num_steps: int, *, dense_steps: int = 0,

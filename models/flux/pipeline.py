@@ -47,8 +47,8 @@ from models.flux.pipeline_loading import (COMPONENTS, SchedulerConfig,  # noqa: 
                                           scheduler_for_variant)
 from models.flux.pipeline_checks import MAX_SEQUENCE_LENGTH, check_arguments  # noqa: F401
 from models.flux.sampling import image_ids, unpack_latents
-from models.pipeline_common import (CompiledStages, StageClock, check_int, check_prompt,
-                                    check_real, check_seed, euler_loop)
+from models.pipeline_common import (CompiledStages, StageClock, check_int, check_latents,
+                                    check_prompt, check_real, check_seed, euler_loop)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -264,12 +264,7 @@ class FluxPipeline(CompiledStages):
         b, tokens = len(prompts), grid[0] * grid[1]
         shape = (b, tokens, self.config.in_channels)
         seeds = check_seed(seed, b)
-        if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents must have shape {list(shape)} (batch, "
-                                 f"(height/16)*(width/16), {shape[2]}); got "
-                                 f"{list(latents.shape)}")
+        latents = check_latents(latents, shape, f"batch, (height/16)*(width/16), {shape[2]}")
         if not self.has_pisa:
             dense_steps = 0          # every layer is dense anyway: one compiled loop
 

@@ -57,8 +57,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models.pipeline_common import (CompiledStages, StageClock, check_int, check_prompt,
-                                    check_real, check_seed, euler_loop)
+from models.pipeline_common import (CompiledStages, StageClock, check_int, check_latents,
+                                    check_prompt, check_real, check_seed, euler_loop)
 from models.wan.autoencoder import from_transformer_layout
 from models.wan.pipeline_loading import SchedulerConfig, load_components
 from models.wan.sampling import NUM_TRAIN_TIMESTEPS
@@ -307,12 +307,8 @@ class WanPipeline(CompiledStages):
         shape = (b, self.config.in_channels, (num_frames - 1) // self.temporal_factor + 1,
                  height // vae_s, width // vae_s)
         seeds = check_seed(seed, b)
-        if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents must have shape {list(shape)} (batch, channels, "
-                                 f"(num_frames - 1)/{self.temporal_factor} + 1, height/{vae_s}"
-                                 f", width/{vae_s}); got {list(latents.shape)}")
+        latents = check_latents(latents, shape, f"batch, channels, (num_frames - 1)/"
+                                f"{self.temporal_factor} + 1, height/{vae_s}, width/{vae_s}")
         guided = guidance > 1.0
         if not self.has_pisa:
             dense_steps = 0          # every layer is dense anyway: one compiled loop
