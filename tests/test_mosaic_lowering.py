@@ -119,6 +119,15 @@ def test_block_128_configs_differ_in_the_lowered_kernel():
                        MosaicConfig(stages=1))}
     assert len(set(texts.values())) == 3
 
+    # Without a config the compute warpgroups take turns (the measured faster schedule).
+    # The kernel bodies are compared as jaxprs: the lowered modules carry source locations.
+    def body(config):
+        return str(_lowered(941, 1, 128, jnp.bfloat16, "bthd", 1, config, block_size=128)[0].jaxpr)
+
+    default = body(None)
+    assert default == body(MosaicConfig(stages=2, ping_pong=True))
+    assert default != body(MosaicConfig(stages=2))
+
 
 @pytest.mark.parametrize("config", [MosaicConfig(query_blocks_per_cta=1)])
 def test_block_128_refuses_options_it_would_ignore(config):

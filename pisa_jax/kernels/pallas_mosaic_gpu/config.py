@@ -38,8 +38,9 @@ class MosaicConfig:
     runs its softmax while the other's matrix products run.
 
     At block size 128 a query block needs both compute warpgroups (64 rows each), so
-    `query_blocks_per_cta` must stay 2; `ping_pong` makes those two take turns, and
-    `stages` (default 2) counts the 128-key tiles in flight.
+    `query_blocks_per_cta` must stay 2; `ping_pong` makes those two take turns (what the
+    kernel does when no config is given), and `stages` (default 2) counts the 128-key
+    tiles in flight.
     """
 
     stages: int = 2

@@ -236,7 +236,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         out = wide_blocks.attention_call(
             q, k, v, idx, kc, vm, mask, mom, num_selected=num_selected, nt=nt, num_tokens=t,
             scale=scale, order=order, layout=layout, stages=stages,
-            ping_pong=bool(config and config.ping_pong))
+            ping_pong=config.ping_pong if config else wide_blocks.DEFAULT_PING_PONG)
     else:
         out = _call(q, k, v, idx, kc, vm, mask, mom, block_size=block_size,
                     num_selected=num_selected, nt=nt, nt_pad=nt_pad, t=t, scale=scale,

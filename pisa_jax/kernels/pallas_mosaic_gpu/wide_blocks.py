@@ -39,6 +39,9 @@ GROUPS = BLOCK // ROWS  # compute warpgroups per CTA
 INDEX_ROW = 32          # selected indices travel as [K / 32, 32]
 # Registers per thread with two compute warpgroups and the producer (64K per SM).
 _COMPUTE_REGISTERS, _PRODUCER_REGISTERS = 232, 40
+# Without a MosaicConfig the compute warpgroups take turns: on the H200 the exact path
+# ran 5-7% faster so at flux-2048 and seq-32k (benchmarks/RESULTS.md).
+DEFAULT_PING_PONG = True
 
 
 def shared_memory_bytes(stages: int, head_dim: int, itemsize: int, num_selected: int,
