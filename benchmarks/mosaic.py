@@ -1,7 +1,7 @@
 """The Mosaic GPU attention kernel against the Triton kernel and cuDNN, on one Hopper GPU.
 
     python benchmarks/mosaic.py [--shapes flux-1024,flux-2048,seq-32k,wan-720p]
-        [--out mosaic.json] [--no-timing] [--memory-only]
+        [--out mosaic.json] [--no-timing] [--memory-only [--block-size 64|128]]
 
 Per shape (bf16, batch 1, D = 128, density 0.15 with biased selection, layout bthd):
 correctness first (the Mosaic output against a float32 reference with the same
@@ -151,19 +151,20 @@ def run_shape(name, timing: bool, config):
     return r
 
 
-def memory_rows(name):
+def memory_rows(name, block_size=64):
     """The whole op's extra device memory, Triton and Mosaic: XLA's temporary bytes for the
     compiled op (lowered from shapes only; nothing runs) over the bytes of q, k and v."""
     t, h = SHAPES[name]
     spec = jax.ShapeDtypeStruct((1, t, h, D), jnp.bfloat16)
     qkv = 3 * t * h * D * 2
-    r = {"qkv_bytes": qkv}
+    r = {"qkv_bytes": qkv, "block_size": block_size}
     for impl in ("triton", "mosaic"):
         op = jax.jit(functools.partial(pj.piecewise_sparse_attention, density=0.15,
-                                       use_bias=True, implementation=impl))
+                                       use_bias=True, block_size=block_size,
+                                       implementation=impl))
         temp = op.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
         r[impl] = {"temp_bytes": int(temp), "fraction_of_qkv": temp / qkv}
-    print(f"{name}: extra memory of the whole op, Triton {r['triton']['fraction_of_qkv']:.1%}"
+    print(f"{name}, block {block_size}: extra memory of the whole op, Triton {r['triton']['fraction_of_qkv']:.1%}"
           f", Mosaic {r['mosaic']['fraction_of_qkv']:.1%} of q, k and v", flush=True)
     return r
 
@@ -175,6 +176,8 @@ def main(argv=None):
     p.add_argument("--no-timing", action="store_true", help="correctness checks only")
     p.add_argument("--memory-only", action="store_true",
                    help="only the whole op's extra device memory, Triton and Mosaic")
+    p.add_argument("--block-size", type=int, default=64, choices=(64, 128),
+                   help="block size of the memory measurement (--memory-only)")
     p.add_argument("--stages", type=int_at_least(1), default=None,
                    help="pipeline stages per warpgroup (default: the deepest that fits)")
     p.add_argument("--query-blocks-per-cta", type=int, default=2, choices=(1, 2))
@@ -192,7 +195,7 @@ def main(argv=None):
     results = {}
     for name in shapes:
         try:
-            results[name] = (memory_rows(name) if args.memory_only else
+            results[name] = (memory_rows(name, args.block_size) if args.memory_only else
                              run_shape(name, not args.no_timing, config))
         except Exception as e:   # report and go on: one failing shape must not hide the rest
             msg = f"{type(e).__name__}: {e}"
