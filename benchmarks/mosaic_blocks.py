@@ -2,6 +2,8 @@
 
     python benchmarks/mosaic_blocks.py [--shapes flux-2048,seq-32k] [--no-checks]
         (writes probe128.json to $OUT or .)
+    python benchmarks/mosaic_blocks.py --shapes flux-2048,seq-32k --scaling 0.05,0.15,0.3,0.6,1.0
+        (the block-128 exact path against its work per CTA; writes scaling128.json)
 
 First the block-128 Mosaic kernel against the float32 reference with the same selection
 (small shapes, partial blocks, both layouts, orders 1 / 0 / -1), then per shape, for
@@ -104,16 +106,61 @@ def timings(name: str) -> dict:
     return r
 
 
+def scaling(name: str, densities: list[float]) -> dict:
+    """The block-128 Mosaic exact path (order -1) against the number of selected key
+    blocks per query block: its time, FLOP rate, and the least-squares line
+    `ms = fixed + per_tile * K`. `fixed` is what a CTA costs whatever its work (launch,
+    query and index loads, pipeline fill and drain, the write); `per_tile` gives the rate
+    of the main loop, `4 * 128 * 128 * D * NT * H / per_tile`, against cuDNN's."""
+    t, h = SHAPES[name]
+    q, k, v = qkv(t, h, D, "bthd", t)
+    cudnn = jax.jit(functools.partial(pj.dense_attention, implementation="cudnn"))
+    cudnn_ms = time_per_call(cudnn, q, k, v) * 1e3
+    st = jax.jit(functools.partial(pj.block_statistics, block_size=128, with_norms=True))(
+        q, k, v)
+    f = jax.jit(functools.partial(mosaic, scale=D ** -0.5, order=-1, layout="bthd"))
+    rows = []
+    for density in densities:
+        se = jax.jit(functools.partial(pj.select_blocks, density=density, use_bias=True))(st)
+        num = se.indices.shape[-1]
+        ms = time_per_call(f, q, k, v, st, se) * 1e3
+        rows.append(dict(density=density, selected=num, ms=ms,
+                         tflops=4.0 * t * num * 128 * D * h / ms / 1e9))
+        print(name, f"density {density}: {num} blocks, {ms:.3f} ms, "
+              f"{rows[-1]['tflops']:.0f} TFLOP/s", flush=True)
+    n = len(rows)
+    xs, ys = [r["selected"] for r in rows], [r["ms"] for r in rows]
+    mx, my = sum(xs) / n, sum(ys) / n
+    per_tile = (sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+                / sum((x - mx) ** 2 for x in xs))
+    fixed = my - per_tile * mx
+    loop_tflops = 4.0 * t * 128 * D * h / per_tile / 1e9
+    cudnn_tflops = 4.0 * t * t * D * h / cudnn_ms / 1e9
+    print(name, f"fixed {fixed:.3f} ms, per tile {per_tile * 1e3:.2f} us, main loop "
+          f"{loop_tflops:.0f} TFLOP/s, cuDNN {cudnn_tflops:.0f} TFLOP/s", flush=True)
+    return dict(rows=rows, fixed_ms=fixed, per_tile_ms=per_tile, loop_tflops=loop_tflops,
+                cudnn_ms=cudnn_ms, cudnn_tflops=cudnn_tflops)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="flux-2048,seq-32k", help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--no-checks", action="store_true",
                     help="skip the checks against the reference")
+    ap.add_argument("--scaling", default=None, metavar="DENSITIES",
+                    help="only the block-128 exact path against its number of selected "
+                         "blocks, at these densities (e.g. 0.05,0.15,0.3,0.6,1.0)")
     args = ap.parse_args(argv)
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
         ap.error(f"--shapes: unknown {sorted(unknown)}; expected names from "
                  f"{', '.join(SHAPES)}")
+    if args.scaling:
+        densities = [float(x) for x in args.scaling.split(",")]
+        out = {name: scaling(name, densities) for name in args.shapes.split(",")}
+        with open(os.path.join(os.environ.get("OUT", "."), "scaling128.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        return
     out = {"checks": [] if args.no_checks else checks(), "timing": {}}
     for name in args.shapes.split(","):
         out["timing"][name] = timings(name)
