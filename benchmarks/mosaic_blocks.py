@@ -68,18 +68,20 @@ def variants(block_size: int) -> list[tuple[str, object]]:
     """(name, attention kernel) pairs timed at `block_size`: at 128 also the block-128
     kernel's launch options."""
     extra = [] if block_size != 128 else [
-        ("mosaic no ping-pong", functools.partial(mosaic, config=MosaicConfig(ping_pong=False)))]
+        ("mosaic no ping-pong", functools.partial(mosaic, config=MosaicConfig(ping_pong=False))),
+        ("mosaic persistent", functools.partial(
+            mosaic, config=MosaicConfig(ping_pong=True, persistent=True)))]
     return [("mosaic", mosaic), ("triton", triton)] + extra
 
 
-def timings(name: str) -> dict:
+def timings(name: str, block_sizes=(64, 128)) -> dict:
     t, h = SHAPES[name]
     q, k, v = qkv(t, h, D, "bthd", t)
     r = {}
     cudnn = jax.jit(functools.partial(pj.dense_attention, implementation="cudnn"))
     r["cudnn_ms"] = time_per_call(cudnn, q, k, v) * 1e3
     dense = cudnn(q, k, v)
-    for bs in (64, 128):
+    for bs in block_sizes:
         st = jax.jit(functools.partial(pj.block_statistics, block_size=bs, with_norms=True))(
             q, k, v)
         se = jax.jit(functools.partial(pj.select_blocks, density=0.15, use_bias=True))(st)
@@ -147,6 +149,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="flux-2048,seq-32k", help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--no-checks", action="store_true",
                     help="skip the checks against the reference")
+    ap.add_argument("--block-sizes", default="64,128", help="of 64, 128")
     ap.add_argument("--scaling", default=None, metavar="DENSITIES",
                     help="only the block-128 exact path against its number of selected "
                          "blocks, at these densities (e.g. 0.05,0.15,0.3,0.6,1.0)")
@@ -163,7 +166,7 @@ def main(argv=None):
         return
     out = {"checks": [] if args.no_checks else checks(), "timing": {}}
     for name in args.shapes.split(","):
-        out["timing"][name] = timings(name)
+        out["timing"][name] = timings(name, [int(b) for b in args.block_sizes.split(",")])
         with open(os.path.join(os.environ.get("OUT", "."), "probe128.json"), "w") as f:
             json.dump(out, f, indent=1)
 

@@ -115,6 +115,18 @@ def test_block_128_pipeline_configs_agree_with_reference(config, d, t):
     assert all(e <= 1e-2 for e in errors.values()), errors
 
 
+@pytest.mark.parametrize("config,b,t,h,d,layout", [
+    # 2 x 5 x 36 = 360 query blocks: each CTA walks 2 or 3 of them (132 multiprocessors).
+    (MosaicConfig(persistent=True, ping_pong=True), 2, 4571, 5, 128, "bthd"),
+    (MosaicConfig(persistent=True), 1, 4608, 9, 64, "bhtd"),
+    (MosaicConfig(persistent=True, ping_pong=True), 1, 941, 2, 96, "bthd"),   # one round
+])
+def test_block_128_persistent_grid_agrees_with_reference(config, b, t, h, d, layout):
+    q, k, v = _qkv(t + h, b, t, h, d, jnp.bfloat16, layout)
+    errors = _against_reference(q, k, v, layout, config=config, block_size=128)
+    assert all(e <= 1e-2 for e in errors.values()), errors
+
+
 def test_large_logits_stay_finite():
     # |s q.k| reaches about 80 with this spread at D = 128.
     q, k, v = _qkv(3, 1, 4096, 2, 128, jnp.bfloat16, "bthd", spread=3.9)

@@ -129,9 +129,28 @@ def test_block_128_configs_differ_in_the_lowered_kernel():
     assert default != body(MosaicConfig(stages=2))
 
 
+@pytest.mark.parametrize("order", [1, 0, -1])
+def test_block_128_persistent_grid_lowers(order):
+    # 3 heads x 18 query blocks; the grid is one CTA per multiprocessor, each walking its
+    # items with double-buffered index and mask rows.
+    config = MosaicConfig(persistent=True, ping_pong=True)
+    traced, text = _lowered(2245, 3, 128, jnp.bfloat16, "bthd", order, config, block_size=128)
+    assert traced.out_info.shape == (1, 2245, 3, 128)
+    assert text.count(KERNEL_CALL) == 1
+    walk = str(traced.jaxpr)
+    assert walk != str(_lowered(2245, 3, 128, jnp.bfloat16, "bthd", order, None,
+                                block_size=128)[0].jaxpr)
+
+
+def test_persistent_grid_is_refused_at_block_64():
+    with pytest.raises(ValueError, match=r"MosaicConfig.persistent is a block size 128 option; "
+                                         r"got block size 64"):
+        _lowered(941, 1, 128, jnp.bfloat16, "bthd", 1, MosaicConfig(persistent=True))
+
+
 @pytest.mark.parametrize("config", [MosaicConfig(query_blocks_per_cta=1)])
 def test_block_128_refuses_options_it_would_ignore(config):
-    with pytest.raises(ValueError, match=r"MosaicConfig takes only `stages` and `ping_pong` there; got "
+    with pytest.raises(ValueError, match=r"MosaicConfig takes only `stages`, `ping_pong` and `persistent` there; got "
                                          r"MosaicConfig\("):
         _lowered(941, 1, 64, jnp.bfloat16, "bthd", 1, config, block_size=128)
 

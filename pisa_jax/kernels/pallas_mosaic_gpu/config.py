@@ -40,12 +40,14 @@ class MosaicConfig:
     At block size 128 a query block needs both compute warpgroups (64 rows each), so
     `query_blocks_per_cta` must stay 2; `ping_pong` makes those two take turns (what the
     kernel does when no config is given), and `stages` (default 2) counts the 128-key
-    tiles in flight.
+    tiles in flight. With `persistent` (block 128 only) the grid is one CTA per
+    multiprocessor, each walking its share of the query blocks in turn.
     """
 
     stages: int = 2
     query_blocks_per_cta: int = 2
     ping_pong: bool = False
+    persistent: bool = False
 
     def __post_init__(self):
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
@@ -55,6 +57,9 @@ class MosaicConfig:
                              f"{self.query_blocks_per_cta!r}")
         if not isinstance(self.ping_pong, bool):
             raise ValueError(f"MosaicConfig.ping_pong: expected a bool, got {self.ping_pong!r}")
+        if not isinstance(self.persistent, bool):
+            raise ValueError(f"MosaicConfig.persistent: expected a bool, got "
+                             f"{self.persistent!r}")
 
     def shared_memory_bytes(self, block_size: int, head_dim: int, itemsize: int,
                             num_selected: int, padded_blocks: int) -> int:

@@ -236,7 +236,8 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         out = wide_blocks.attention_call(
             q, k, v, idx, kc, vm, mask, mom, num_selected=num_selected, nt=nt, num_tokens=t,
             scale=scale, order=order, layout=layout, stages=stages,
-            ping_pong=config.ping_pong if config else wide_blocks.DEFAULT_PING_PONG)
+            ping_pong=config.ping_pong if config else wide_blocks.DEFAULT_PING_PONG,
+            persistent=bool(config and config.persistent))
     else:
         out = _call(q, k, v, idx, kc, vm, mask, mom, block_size=block_size,
                     num_selected=num_selected, nt=nt, nt_pad=nt_pad, t=t, scale=scale,
@@ -311,8 +312,11 @@ def piecewise_attention(q, k, v, stats: BlockStatistics, selection: Selection, *
     if stats.block_size == wide_blocks.BLOCK and config is not None and \
             config.query_blocks_per_cta != 2:
         raise ValueError(f"at block size {wide_blocks.BLOCK} one query block takes both compute "
-                         f"warpgroups of a CTA, so MosaicConfig takes only `stages` and "
-                         f"`ping_pong` there; got {config}")
+                         f"warpgroups of a CTA, so MosaicConfig takes only `stages`, "
+                         f"`ping_pong` and `persistent` there; got {config}")
+    if stats.block_size != wide_blocks.BLOCK and config is not None and config.persistent:
+        raise ValueError(f"MosaicConfig.persistent is a block size {wide_blocks.BLOCK} option; "
+                         f"got block size {stats.block_size}")
     run = inference_only(functools.partial(
         _attention, block_size=stats.block_size, scale=scale, order=order, layout=layout,
         config=config))
