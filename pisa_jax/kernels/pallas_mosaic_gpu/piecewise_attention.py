@@ -197,7 +197,9 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     itemsize = jnp.dtype(dtype).itemsize
     if block_size == wide_blocks.BLOCK:   # one query block per CTA, its own kernel
         stages = config.stages if config else 2
-        smem = wide_blocks.shared_memory_bytes(stages, d_pad, itemsize, num_selected, nt_pad)
+        persistent = config.persistent if config else wide_blocks.DEFAULT_PERSISTENT
+        smem = wide_blocks.shared_memory_bytes(stages, d_pad, itemsize, num_selected, nt_pad,
+                                               persistent)
     else:
         config = config or default_config(block_size, d_pad, itemsize, k_pad, nt_pad)
         stages, groups = config.stages, config.query_blocks_per_cta
@@ -237,7 +239,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
             q, k, v, idx, kc, vm, mask, mom, num_selected=num_selected, nt=nt, num_tokens=t,
             scale=scale, order=order, layout=layout, stages=stages,
             ping_pong=config.ping_pong if config else wide_blocks.DEFAULT_PING_PONG,
-            persistent=bool(config and config.persistent))
+            persistent=persistent)
     else:
         out = _call(q, k, v, idx, kc, vm, mask, mom, block_size=block_size,
                     num_selected=num_selected, nt=nt, nt_pad=nt_pad, t=t, scale=scale,

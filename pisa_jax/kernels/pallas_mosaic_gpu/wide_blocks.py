@@ -39,18 +39,22 @@ GROUPS = BLOCK // ROWS  # compute warpgroups per CTA
 INDEX_ROW = 32          # selected indices travel as [K / 32, 32]
 # Registers per thread with two compute warpgroups and the producer (64K per SM).
 _COMPUTE_REGISTERS, _PRODUCER_REGISTERS = 232, 40
-# Without a MosaicConfig the compute warpgroups take turns: on the H200 the exact path
-# ran 5-7% faster so at flux-2048 and seq-32k (benchmarks/RESULTS.md).
+# Without a MosaicConfig the compute warpgroups take turns and the grid is persistent: on
+# the H200 the exact path ran 4-8% faster with turns, and 13-16% faster again with the
+# persistent grid, at flux-2048 and seq-32k (benchmarks/RESULTS.md).
 DEFAULT_PING_PONG = True
+DEFAULT_PERSISTENT = True
 
 
 def shared_memory_bytes(stages: int, head_dim: int, itemsize: int, num_selected: int,
-                        padded_blocks: int) -> int:
-    """Shared memory one CTA asks for: query rows, the tile ring, index and mask rows,
-    the moment, and room for barriers and alignment."""
+                        padded_blocks: int, persistent: bool = False) -> int:
+    """Shared memory one CTA asks for: query rows, the tile ring, index and mask rows
+    (two of each on a persistent grid), the moment, and room for barriers and
+    alignment."""
     tile = BLOCK * head_dim * itemsize
-    return ((1 + 2 * stages) * tile + 4 * ceil_div(num_selected, INDEX_ROW) * INDEX_ROW
-            + itemsize * padded_blocks + head_dim * head_dim * itemsize + 4096)
+    rows = (1 + persistent) * (4 * ceil_div(num_selected, INDEX_ROW) * INDEX_ROW
+                               + itemsize * padded_blocks)
+    return (1 + 2 * stages) * tile + rows + head_dim * head_dim * itemsize + 4096
 
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_ref, *scratch,
