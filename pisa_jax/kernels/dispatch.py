@@ -36,10 +36,10 @@ from pisa_jax.kernels._common import compute_capability
 # T=4608 2.11|1.91x, 16896 3.18|3.22x, 32768 3.46|3.37x, 75776 2.90|3.42x. At T=4608 in
 # the FLUX.1 forward at 1024^2 (benchmarks/flux.py, same day): Mosaic 118.7 ms, Triton
 # 118.2 ms, and the Mosaic forward compiles in 123 s against 34 s: Triton there.
-# Block 128, H200 2026-11-28 (benchmarks/mosaic_blocks.py, whole op ms, Mosaic|Triton):
-# T=4608 0.185|0.209, 16896 1.373|1.596, 32768 4.663|5.349, 75776 43.7|46.4: Mosaic at
+# Block 128, H200 2026-11-29, whole op ms, Mosaic (persistent grid, turns)|Triton:
+# T=4608 0.172|0.212, 16896 1.185|1.589, 32768 3.973|5.366, 75776 33.97|46.96: Mosaic at
 # every measured T; beyond the measured range (and where its shared memory would run out,
-# past about 1.6M tokens at density 0.15), Triton.
+# past about 0.78M tokens at density 0.15), Triton.
 AUTO_TABLE = {
     64: (((24 * 1024, "triton"), (40 * 1024, "mosaic")), "triton"),
     128: (((80 * 1024, "mosaic"),), "triton"),
@@ -47,8 +47,11 @@ AUTO_TABLE = {
 
 # "auto" picks Mosaic from AUTO_TABLE only when this is True: every test in
 # tests/test_kernels_mosaic_gpu.py (block sizes 64 and 128), test_backend_contract.py and
-# test_dispatch.py passed on the H200 (jax 0.11.2, 2026-11-28). Set it back to False if a
-# Mosaic GPU test fails; "auto" then runs Triton on every GPU.
+# test_dispatch.py passed on the H200 (jax 0.11.2, 2026-11-28); the block-128 kernel's
+# default since 2026-11-29 (persistent grid, turns; the same kernel as
+# MosaicConfig(ping_pong=True, persistent=True), a CPU lowering test checks) passed its
+# GPU tests that day. Set it back to False if a Mosaic GPU test fails; "auto" then runs
+# Triton on every GPU.
 MOSAIC_VALIDATED = True
 
 
