@@ -54,8 +54,10 @@ def _mosaic(q, k, v, stats, sel, order, layout, config):
 
 
 def _against_reference(q, k, v, layout, orders=(1, 0, -1), density=0.15, config=None,
-                       block_size=64):
-    """Mosaic output vs the float32 reference with the same selection, per order."""
+                       block_size=64, per_query_block=False):
+    """Mosaic output vs the float32 reference with the same selection, per order; with
+    `per_query_block`, also the worst relative error of any one (batch, head, query
+    block) per order, under the key "worst query block"."""
     stats = _statistics(q, k, v, layout, block_size)
     sel = _selection(stats, density)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -66,7 +68,25 @@ def _against_reference(q, k, v, layout, orders=(1, 0, -1), density=0.15, config=
         assert out.shape == q.shape and out.dtype == q.dtype
         ref = _reference(*f32, ref_stats, sel, order, layout)
         errors[order] = relative_error(out, ref)   # also refuses NaN / inf
+        if per_query_block:
+            errors.setdefault("worst query block", {})[order] = _worst_block_error(
+                out, ref, layout, block_size)
     return errors
+
+
+def _worst_block_error(out, ref, layout, block_size):
+    """The largest relative error over (batch, head, query block) slices."""
+    if layout == "bthd":
+        out, ref = (jnp.swapaxes(x, 1, 2) for x in (out, ref))
+    t = out.shape[2]
+    worst = 0.0
+    for start in range(0, t, block_size):
+        rows = slice(start, min(start + block_size, t))
+        o, r = out[:, :, rows].astype(jnp.float32), ref[:, :, rows]
+        num = jnp.sqrt(jnp.sum((o - r) ** 2, axis=(2, 3)))
+        den = jnp.sqrt(jnp.sum(r ** 2, axis=(2, 3)))
+        worst = max(worst, float(jnp.max(num / den)))
+    return worst
 
 
 @pytest.mark.parametrize("dtype,d,layout,t,h", [
@@ -120,11 +140,19 @@ def test_block_128_pipeline_configs_agree_with_reference(config, d, t):
     (MosaicConfig(persistent=True, ping_pong=True), 2, 4571, 5, 128, "bthd"),
     (MosaicConfig(persistent=True), 1, 4608, 9, 64, "bhtd"),
     (MosaicConfig(persistent=True, ping_pong=True), 1, 941, 2, 96, "bthd"),   # one round
+    # 1-2 tiles per item against 4 stages: the next item's tiles share the ring early.
+    (MosaicConfig(stages=4, ping_pong=True, persistent=True), 2, 941, 17, 64, "bthd"),
+    (MosaicConfig(stages=1, persistent=True), 1, 941, 40, 128, "bhtd"),
+    # 8 x 132 = 1056 items: every CTA walks 8.
+    (MosaicConfig(ping_pong=True, persistent=True), 1, 8 * 1024, 16, 128, "bthd"),
 ])
 def test_block_128_persistent_grid_agrees_with_reference(config, b, t, h, d, layout):
     q, k, v = _qkv(t + h, b, t, h, d, jnp.bfloat16, layout)
-    errors = _against_reference(q, k, v, layout, config=config, block_size=128)
-    assert all(e <= 1e-2 for e in errors.values()), errors
+    errors = _against_reference(q, k, v, layout, config=config, block_size=128,
+                                per_query_block=True)
+    # Each item of the walk checked on its own, so one spoilt item cannot hide.
+    assert all(e <= 2e-2 for e in errors["worst query block"].values()), errors
+    assert all(e <= 1e-2 for o, e in errors.items() if o != "worst query block"), errors
 
 
 def test_large_logits_stay_finite():

@@ -131,17 +131,32 @@ def test_block_128_configs_differ_in_the_lowered_kernel():
     assert default != body(MosaicConfig(stages=2, persistent=True))
 
 
-@pytest.mark.parametrize("order", [1, 0, -1])
-def test_block_128_persistent_grid_lowers(order):
-    # 3 heads x 18 query blocks; the grid is one CTA per multiprocessor, each walking its
-    # items with double-buffered index and mask rows.
-    config = MosaicConfig(persistent=True, ping_pong=True)
-    traced, text = _lowered(2245, 3, 128, jnp.bfloat16, "bthd", order, config, block_size=128)
-    assert traced.out_info.shape == (1, 2245, 3, 128)
+@pytest.mark.parametrize("order,config", [
+    (1, MosaicConfig(persistent=True, ping_pong=True)),
+    (0, MosaicConfig(persistent=True, stages=1)),
+    (-1, MosaicConfig(persistent=True, ping_pong=True)),
+])
+def test_block_128_persistent_grid_lowers(order, config):
+    # 8 heads x 18 query blocks = 144 items over 132 CTAs: two rounds for some CTAs, with
+    # double-buffered index and mask rows.
+    traced, text = _lowered(2245, 8, 128, jnp.bfloat16, "bthd", order, config, block_size=128)
+    assert traced.out_info.shape == (1, 2245, 8, 128)
     assert text.count(KERNEL_CALL) == 1
-    one_per_cta = MosaicConfig(ping_pong=True)
-    assert str(traced.jaxpr) != str(_lowered(2245, 3, 128, jnp.bfloat16, "bthd", order,
-                                             one_per_cta, block_size=128)[0].jaxpr)
+
+
+def test_block_128_default_leaves_the_persistent_grid_where_it_does_not_fit():
+    from pisa_jax.kernels.pallas_mosaic_gpu import wide_blocks
+    limit = 227 * 1024
+    small = wide_blocks.resolve_config(None, 128, 2, 20, 256, limit)
+    assert (small.persistent, small.ping_pong, small.stages) == (True, True, 2)
+    # 8192 key blocks (about 1M tokens) at density 0.15: one set of rows fits, two do not.
+    rows = dict(head_dim=128, itemsize=2, num_selected=1229, padded_blocks=8192)
+    assert wide_blocks.shared_memory_bytes(2, **rows, persistent=True) > limit
+    assert wide_blocks.shared_memory_bytes(2, **rows, persistent=False) <= limit
+    large = wide_blocks.resolve_config(None, **rows, limit=limit)
+    assert (large.persistent, large.ping_pong, large.stages) == (False, True, 2)
+    given = MosaicConfig(persistent=True)
+    assert wide_blocks.resolve_config(given, **rows, limit=limit) is given
 
 
 def test_persistent_grid_is_refused_at_block_64():
@@ -158,7 +173,7 @@ def test_block_128_refuses_options_it_would_ignore(config):
 
 
 def test_too_many_stages_are_refused_with_the_way_out():
-    with pytest.raises(ValueError, match=r"shared memory .* use fewer stages or "
-                                         r"implementation='triton'"):
+    with pytest.raises(ValueError, match=r"shared memory .* use fewer stages, "
+                                         r"persistent=False or implementation='triton'"):
         _lowered(941, 1, 128, jnp.bfloat16, "bthd", 1, MosaicConfig(stages=3), block_size=128)
 

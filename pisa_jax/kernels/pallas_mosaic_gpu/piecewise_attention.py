@@ -195,23 +195,24 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
     num_selected = indices.shape[-1]
     k_pad = ceil_div(num_selected, _INDEX_ROW) * _INDEX_ROW
     itemsize = jnp.dtype(dtype).itemsize
-    if block_size == wide_blocks.BLOCK:   # one query block per CTA, its own kernel
-        stages = config.stages if config else 2
-        persistent = config.persistent if config else wide_blocks.DEFAULT_PERSISTENT
+    limit = shared_memory_per_block()
+    if block_size == wide_blocks.BLOCK:   # its own kernel: one query block at a time
+        config = wide_blocks.resolve_config(config, d_pad, itemsize, num_selected, nt_pad,
+                                            limit)
+        stages = config.stages
         smem = wide_blocks.shared_memory_bytes(stages, d_pad, itemsize, num_selected, nt_pad,
-                                               persistent)
+                                               config.persistent)
+        way_out = "fewer stages, persistent=False"
     else:
         config = config or default_config(block_size, d_pad, itemsize, k_pad, nt_pad)
         stages, groups = config.stages, config.query_blocks_per_cta
         smem = config.shared_memory_bytes(block_size, d_pad, itemsize, k_pad, nt_pad)
-    limit = shared_memory_per_block()
+        way_out = "fewer stages, one query block per CTA"
     if smem > limit:
-        raise ValueError(f"{config or f'{stages} stages'} needs about {smem} bytes of shared "
-                         f"memory at block size {block_size}, head dim {d_pad}, "
-                         f"{num_selected} selected and {nt} key blocks; the device has "
-                         f"{limit}: use fewer stages"
-                         f"{'' if block_size == wide_blocks.BLOCK else ', one query block per CTA'}"
-                         f" or implementation='triton'")
+        raise ValueError(f"{config} needs about {smem} bytes of shared memory at block size "
+                         f"{block_size}, head dim {d_pad}, {num_selected} selected and {nt} "
+                         f"key blocks; the device has {limit}: use {way_out} or "
+                         f"implementation='triton'")
 
     def prepare(x):   # zero padding is exact: padded keys are masked, padded channels add 0
         x = pad_tokens(x, block_size, layout)
@@ -238,8 +239,7 @@ def _attention(q, k, v, indices, k_mean, v_sum, moment, *, block_size: int, scal
         out = wide_blocks.attention_call(
             q, k, v, idx, kc, vm, mask, mom, num_selected=num_selected, nt=nt, num_tokens=t,
             scale=scale, order=order, layout=layout, stages=stages,
-            ping_pong=config.ping_pong if config else wide_blocks.DEFAULT_PING_PONG,
-            persistent=persistent)
+            ping_pong=config.ping_pong, persistent=config.persistent)
     else:
         out = _call(q, k, v, idx, kc, vm, mask, mom, block_size=block_size,
                     num_selected=num_selected, nt=nt, nt_pad=nt_pad, t=t, scale=scale,

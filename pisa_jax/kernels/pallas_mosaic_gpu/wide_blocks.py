@@ -1,8 +1,9 @@
 """The Mosaic GPU attention kernel for block size 128 (PISA_SPEC section 3).
 
-One CTA per (query block, head, batch). A 128-row query block is more than one wgmma
-(64 rows) can take, so its two compute warpgroups take 64 rows each, and both read the
-same key/value tiles: the selected blocks of their query block, then the block-mean keys
+A CTA works on one (query block, head, batch) item at a time: one item per CTA, or, on
+a persistent grid (below, the default), one CTA per multiprocessor walking several. A
+128-row query block is more than one wgmma (64 rows) can take, so the CTA's two compute
+warpgroups take 64 rows each, and both read the same key/value tiles: the selected blocks of their query block, then the block-mean keys
 and values in chunks of 128 blocks. A third, producer warpgroup copies those tiles (the
 tensor memory accelerator, `stages` slots of 128 keys and values) and refills a slot
 once both compute warpgroups have released it. Each tile does twice the work of a
@@ -30,6 +31,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pisa_jax._blocks import ceil_div
 from pisa_jax.kernels._common import LOG2E, multiprocessor_count
+from pisa_jax.kernels.pallas_mosaic_gpu.config import MosaicConfig
 from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, softmax_step,
                                                         tile_logits)
 
@@ -55,6 +57,20 @@ def shared_memory_bytes(stages: int, head_dim: int, itemsize: int, num_selected:
     rows = (1 + persistent) * (4 * ceil_div(num_selected, INDEX_ROW) * INDEX_ROW
                                + itemsize * padded_blocks)
     return (1 + 2 * stages) * tile + rows + head_dim * head_dim * itemsize + 4096
+
+
+def resolve_config(config: MosaicConfig | None, head_dim: int, itemsize: int,
+                   num_selected: int, padded_blocks: int, limit: int) -> MosaicConfig:
+    """The given config, or the default: turns on a persistent grid, 2 stages; one query
+    block per CTA where the persistent grid's second index and mask rows do not fit
+    (past about 0.77M tokens at density 0.15)."""
+    if config is not None:
+        return config
+    config = MosaicConfig(stages=2, ping_pong=DEFAULT_PING_PONG, persistent=DEFAULT_PERSISTENT)
+    if config.persistent and shared_memory_bytes(config.stages, head_dim, itemsize,
+                                                 num_selected, padded_blocks, True) > limit:
+        config = MosaicConfig(stages=2, ping_pong=DEFAULT_PING_PONG, persistent=False)
+    return config
 
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_ref, *scratch,
