@@ -134,6 +134,10 @@ def check_arguments(args, attention: str, seeds: list[int]) -> None:
             raise ValueError(f"{' and '.join(given)} would do nothing with --attention dense "
                              f"(every layer dense); drop {'them' if len(given) > 1 else 'it'} "
                              f"or use --attention pisa")
+    if args.density is not None and not 0.0 < args.density <= 1.0:   # also refuses nan
+        raise ValueError(f"--density must be in (0, 1]; got {args.density}")
+    if args.dense_layers is not None and args.dense_layers < 0:
+        raise ValueError(f"--dense-layers must be >= 0; got {args.dense_layers}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1; got {args.steps}")
     if args.dense_steps < 0 or (args.steps is not None and args.dense_steps > args.steps):
