@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: device facts, every GPU test (Triton, Mosaic, the backend
 # contract) and a smoke run of each benchmark script. Logs go to $OUT (default ./gpu-out).
-# The four groups run side by side, so the benchmark timings here are smoke tests only.
+# The five groups run side by side, so the benchmark timings here are smoke tests only.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -19,8 +19,13 @@ print("SMs", _common.multiprocessor_count(), "shared memory", _common.shared_mem
 PYEOF
 (timeout 500 $PY -m pytest -p no:cacheprovider -m gpu -ra --durations=10 tests/test_kernels_gpu.py \
    > "$OUT/tests-triton.log" 2>&1; echo "rc=$?" >> "$OUT/tests-triton.log") &
-(timeout 500 $PY -m pytest -p no:cacheprovider -m "gpu or not gpu" -ra --durations=10 \
+# The Mosaic tests take about 25 s each (compiles): two groups side by side.
+(timeout 560 $PY -m pytest -p no:cacheprovider -m gpu -ra --durations=10 \
+   tests/test_kernels_mosaic_gpu.py -k "block_128 or persistent" \
+   > "$OUT/tests-mosaic-128.log" 2>&1; echo "rc=$?" >> "$OUT/tests-mosaic-128.log") &
+(timeout 560 $PY -m pytest -p no:cacheprovider -m "gpu or not gpu" -ra --durations=10 \
    tests/test_kernels_mosaic_gpu.py tests/test_backend_contract.py tests/test_dispatch.py \
+   -k "not (block_128_within or block_128_pipeline or persistent)" \
    > "$OUT/tests-mosaic.log" 2>&1; echo "rc=$?" >> "$OUT/tests-mosaic.log") &
 (for c in "mosaic.py --shapes flux-1024 --out $OUT/mosaic.json" \
           "probe_exact.py --shape flux-1024 --selection" \
