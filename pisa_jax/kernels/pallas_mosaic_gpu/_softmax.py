@@ -1,6 +1,7 @@
 """What both Mosaic GPU attention kernels (block 64 and block 128) do per tile of keys
-and at the end, written once: the logit adjustments of the zeroth order and of a partial
-last block, the online-softmax update, and the first order plus normalisation.
+and at the end, written once: the tile's two products, the turn-taking around them, the
+logit adjustments of the zeroth order and of a partial last block, the online-softmax
+update, and the first order plus normalisation.
 
 Logits are in base 2 (`scale * log2(e)` folded in). `carry` is `(acc, m, l, g)`: the
 `[rows, D]` accumulator, the running max, the softmax mass, and the zeroth order's share
@@ -26,6 +27,37 @@ def initial_carry(rows: int, d: int) -> tuple:
             plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row),
             plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row),
             plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row))
+
+
+def key_product(qs, k_tile, shape: tuple, after_issue: Callable[[], None] | None = None):
+    """`qs k_tile^T` on wgmma into a float32 accumulator of `shape`; `after_issue` (the
+    ping-pong turn) runs between issuing the product and reading it."""
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, qs, k_tile.transpose((1, 0)))
+        if after_issue is not None:
+            after_issue()
+        return acc_ref[...]
+
+    return pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+
+
+def wait_for_values(v_ready, turn_bar, ping_pong: bool) -> None:
+    """Waits for the tile's values; with ping-pong also for the other warpgroup to have
+    issued its products (this one's softmax is done: it says so first)."""
+    if ping_pong:
+        plgpu.barrier_arrive(turn_bar)
+        plgpu.barrier_wait(v_ready)
+        plgpu.barrier_wait(turn_bar)
+    else:
+        plgpu.barrier_wait(v_ready)
+
+
+def value_product(acc: jax.Array, p16: jax.Array, v_tile) -> jax.Array:
+    """`acc + p16 v_tile` on wgmma."""
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_tile)
+
+    return pl.run_state(pv)(plgpu.ACC.init(acc))
 
 
 def tile_logits(z: jax.Array, cols: jax.Array, *, zeroth: bool, chunk, mask_row,

@@ -29,8 +29,9 @@ from pisa_jax._blocks import (block_lengths, ceil_div, head_axis, num_blocks, pa
 from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.kernels._common import LOG2E, inference_only, shared_memory_per_block
 from pisa_jax.kernels.pallas_mosaic_gpu import wide_blocks
-from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, softmax_step,
-                                                        tile_logits)
+from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, key_product,
+                                                        softmax_step, tile_logits,
+                                                        value_product, wait_for_values)
 from pisa_jax.kernels.pallas_mosaic_gpu.config import MosaicConfig, default_config, unsupported
 
 # Index rows travel as [K / 32, 32] and mask rows as [NT / 64, 64]: a copy box may not be
@@ -111,30 +112,16 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
             slot = lax.rem(t, stages)
             plgpu.barrier_wait(slot_bar(k_bar, slot))
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, qs, ks.at[slot].transpose((1, 0)))
-                if ping_pong:   # let the other warpgroup's products start after ours
-                    turn()
-                return acc_ref[...]
-
-            z = pl.run_scoped(qk, plgpu.ACC((bs, bs), jnp.float32)) * qk_scale
+            # With ping-pong the other warpgroup's products start after ours are issued.
+            z = key_product(qs, ks.at[slot], (bs, bs), turn if ping_pong else None) * qk_scale
             c = t - num_selected if zeroth else None   # the zeroth-order chunk
             z = tile_logits(z, cols, zeroth=zeroth, chunk=c,
                             mask_row=mask_smem.at[wg, c] if zeroth else None,
                             key_block=lambda: selected(t), block=bs, nt=nt,
                             num_tokens=num_tokens)
             p16, (acc, m_new, l, g) = softmax_step(z, carry, zeroth=zeroth, dtype=dtype)
-            if ping_pong:   # softmax done; start P V once the other one's products are issued
-                plgpu.barrier_arrive(turn_bar)
-                plgpu.barrier_wait(slot_bar(v_bar, slot))
-                plgpu.barrier_wait(turn_bar)
-            else:
-                plgpu.barrier_wait(slot_bar(v_bar, slot))
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, vs.at[slot])
-
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            wait_for_values(slot_bar(v_bar, slot), turn_bar, ping_pong)
+            acc = value_product(acc, p16, vs.at[slot])
             # The slot's tiles have been read: refill it with the tiles `stages` steps on.
             nxt = t + stages
             pl.when(nxt < total)(lambda: issue(nxt, slot))

@@ -32,8 +32,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pisa_jax._blocks import ceil_div
 from pisa_jax.kernels._common import LOG2E, multiprocessor_count
 from pisa_jax.kernels.pallas_mosaic_gpu.config import MosaicConfig
-from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, softmax_step,
-                                                        tile_logits)
+from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, key_product,
+                                                        softmax_step, tile_logits,
+                                                        value_product, wait_for_values)
 
 BLOCK = 128             # tokens per query / key block
 ROWS = 64               # query rows per compute warpgroup (one wgmma)
@@ -201,13 +202,9 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
                 slot = lax.rem(streamed(r, t), stages)
                 plgpu.barrier_wait(k_ready.at[slot])
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, qs, k_smem.at[slot].transpose((1, 0)))
-                    if ping_pong:   # let the other warpgroup's products start after ours
-                        turn()
-                    return acc_ref[...]
-
-                z = pl.run_scoped(qk, plgpu.ACC((ROWS, BLOCK), jnp.float32)) * qk_scale
+                # With ping-pong the other warpgroup's products start after ours are issued.
+                z = key_product(qs, k_smem.at[slot], (ROWS, BLOCK),
+                                turn if ping_pong else None) * qk_scale
                 plgpu.barrier_arrive(k_free.at[slot])
                 c = t - num_selected if zeroth else None   # the zeroth-order chunk
                 z = tile_logits(z, cols, zeroth=zeroth, chunk=c,
@@ -215,17 +212,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
                                 key_block=lambda: selected(idx, t), block=BLOCK, nt=nt,
                                 num_tokens=num_tokens)
                 p16, (acc, m_new, l, g) = softmax_step(z, carry, zeroth=zeroth, dtype=dtype)
-                if ping_pong:   # softmax done; P V once the other one's products are issued
-                    plgpu.barrier_arrive(turn_bar)
-                    plgpu.barrier_wait(v_ready.at[slot])
-                    plgpu.barrier_wait(turn_bar)
-                else:
-                    plgpu.barrier_wait(v_ready.at[slot])
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                wait_for_values(v_ready.at[slot], turn_bar, ping_pong)
+                acc = value_product(acc, p16, v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l, g
 
