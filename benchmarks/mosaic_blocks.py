@@ -30,6 +30,7 @@ from pisa_jax.kernels.pallas_mosaic_gpu import MosaicConfig  # noqa: E402
 from pisa_jax.kernels.pallas_mosaic_gpu import piecewise_attention as mosaic  # noqa: E402
 from pisa_jax.kernels.pallas_triton.piecewise_attention import (  # noqa: E402
     piecewise_attention as triton_attention)
+from pisa_jax.cli import comma_list  # noqa: E402
 from pisa_jax.metrics import relative_error, time_per_call  # noqa: E402
 
 triton = functools.partial(triton_attention, interpret=False)
@@ -150,24 +151,30 @@ def main(argv=None):
     ap.add_argument("--shapes", default="flux-2048,seq-32k", help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--no-checks", action="store_true",
                     help="skip the checks against the reference")
-    ap.add_argument("--block-sizes", default="64,128", help="of 64, 128")
+    ap.add_argument("--block-sizes", default=(64, 128), help="of 64, 128 (default both)",
+                    type=comma_list(int, "comma-separated block sizes of 64, 128",
+                                    lambda b: b in (64, 128)))
     ap.add_argument("--scaling", default=None, metavar="DENSITIES",
+                    type=comma_list(float, "comma-separated densities in (0, 1]",
+                                    lambda x: 0.0 < x <= 1.0),
                     help="only the block-128 exact path against its number of selected "
                          "blocks, at these densities (e.g. 0.05,0.15,0.3,0.6,1.0)")
     args = ap.parse_args(argv)
+    if args.scaling is not None and len(set(args.scaling)) < 2:
+        ap.error(f"--scaling: expected at least two different densities (a line is fitted "
+                 f"through them), got {','.join(map(str, args.scaling))}")
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
         ap.error(f"--shapes: unknown {sorted(unknown)}; expected names from "
                  f"{', '.join(SHAPES)}")
     if args.scaling:
-        densities = [float(x) for x in args.scaling.split(",")]
-        out = {name: scaling(name, densities) for name in args.shapes.split(",")}
+        out = {name: scaling(name, list(args.scaling)) for name in args.shapes.split(",")}
         with open(os.path.join(os.environ.get("OUT", "."), "scaling128.json"), "w") as f:
             json.dump(out, f, indent=1)
         return
     out = {"checks": [] if args.no_checks else checks(), "timing": {}}
     for name in args.shapes.split(","):
-        out["timing"][name] = timings(name, [int(b) for b in args.block_sizes.split(",")])
+        out["timing"][name] = timings(name, args.block_sizes)
         with open(os.path.join(os.environ.get("OUT", "."), "probe128.json"), "w") as f:
             json.dump(out, f, indent=1)
 

@@ -128,6 +128,13 @@ def test_mosaic_rows_report_a_failure_instead_of_raising(monkeypatch):
     ("mosaic", ["--out", "/no/such/folder/m.json"], "cannot write /no/such/folder/m.json"),
     ("attention", ["--densities", "0.15,2"], "expected comma-separated numbers in (0, 1]"),
     ("profile_op", ["--calls", "0"], "--calls: expected an integer >= 1, got '0'"),
+    ("mosaic", ["--memory-only", "--block-size", "96"], "invalid choice: 96"),
+    ("mosaic_blocks", ["--block-sizes", "64,96"],
+     "expected comma-separated block sizes of 64, 128, got '64,96'"),
+    ("mosaic_blocks", ["--scaling", "0.1,0"], "expected comma-separated densities in (0, 1]"),
+    ("mosaic_blocks", ["--scaling", "0.2,0.2"],
+     "--scaling: expected at least two different densities (a line is fitted through them), "
+     "got 0.2,0.2"),
 ])
 def test_benchmark_flags_are_refused_before_any_work(module, argv, message, capsys):
     # Parsed before a device is touched: a clear usage error (exit 2), not a traceback or
