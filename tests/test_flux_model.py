@@ -90,7 +90,7 @@ def test_policy_reaches_the_attention_calls_it_claims(monkeypatch):
     for _, kw in calls[1:]:
         assert kw["density"] == 0.4 and kw["order"] == 0 and kw["use_bias"] is True
         assert list(kw["forced_blocks"]) == [0]       # 7 text tokens lie in block 0
-        assert kw["layout"] == "bhtd"
+        assert kw["layout"] == "bthd"     # heads stay on axis 2: no transposed copies
     calls.clear()
     model(**io, dense=True)
     assert [c[0] for c in calls] == ["dense"] * 4

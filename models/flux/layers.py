@@ -58,6 +58,13 @@ class QKNorm(nnx.Module):
         return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
 
 
+def split_qkv(x, num_heads: int):
+    """`[B, L, 3*H*D]` -> q, k, v `[B, L, H, D]` (views of the fused projection)."""
+    b, l, _ = x.shape
+    x = x.reshape(b, l, 3, num_heads, -1)
+    return x[:, :, 0], x[:, :, 1], x[:, :, 2]
+
+
 class SelfAttention(nnx.Module):
     """Projections of one stream: fused qkv, per-head q/k norm, output projection."""
 
@@ -68,9 +75,8 @@ class SelfAttention(nnx.Module):
         self.proj = _linear(dim, dim, rngs, dtype)
 
     def split_heads(self, x):
-        """`[B, L, 3*H*D]` -> q, k, v `[B, H, L, D]`, q and k normed."""
-        b, l, _ = x.shape
-        q, k, v = x.reshape(b, l, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        """`[B, L, 3*H*D]` -> q, k, v `[B, L, H, D]`, q and k normed."""
+        q, k, v = split_qkv(x, self.num_heads)
         q, k = self.norm(q, k, v)
         return q, k, v
 
@@ -119,7 +125,7 @@ class DoubleStreamBlock(nnx.Module):
             self.img_attn.qkv(_modulate(img, i_shift1, i_scale1)))
         txt_q, txt_k, txt_v = self.txt_attn.split_heads(
             self.txt_attn.qkv(_modulate(txt, t_shift1, t_scale1)))
-        q, k, v = (jnp.concatenate(p, axis=2) for p in
+        q, k, v = (jnp.concatenate(p, axis=1) for p in
                    ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
         n_txt = txt.shape[1]
         out = attention(q, k, v, pe, self.attn, num_text_tokens=n_txt, dense=dense)
@@ -149,8 +155,7 @@ class SingleStreamBlock(nnx.Module):
         [(shift, scale, gate)] = self.modulation(vec)
         fused = self.linear1(_modulate(x, shift, scale))
         qkv, mlp = fused[..., :3 * self.dim], fused[..., 3 * self.dim:]
-        b, l, _ = x.shape
-        q, k, v = qkv.reshape(b, l, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        q, k, v = split_qkv(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         out = attention(q, k, v, pe, self.attn, num_text_tokens=num_text_tokens, dense=dense)
         return x + gate * self.linear2(jnp.concatenate([out, _gelu(mlp)], axis=-1))

@@ -9,14 +9,14 @@ from models.embeddings import rope_angles, sinusoidal_embedding
 
 
 def position_embedding(ids: jax.Array, axes_dim, theta: int) -> jax.Array:
-    """`[B, 1, L, D/2, 2, 2]` rotation matrices from ids `[B, L, n_axes]` (float32)."""
+    """`[B, L, 1, D/2, 2, 2]` rotation matrices from ids `[B, L, n_axes]` (float32)."""
     ang = rope_angles(ids, axes_dim, theta)
     cos, sin = jnp.cos(ang), jnp.sin(ang)
-    return jnp.stack([cos, -sin, sin, cos], axis=-1).reshape(*ang.shape, 2, 2)[:, None]
+    return jnp.stack([cos, -sin, sin, cos], axis=-1).reshape(*ang.shape, 2, 2)[:, :, None]
 
 
 def apply_rope(x: jax.Array, pe: jax.Array) -> jax.Array:
-    """Rotates interleaved pairs (x0, x1) of `x` `[B, H, L, D]` in float32."""
+    """Rotates interleaved pairs (x0, x1) of `x` `[B, L, H, D]` in float32."""
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 1, 2)
     out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
     return out.reshape(x.shape).astype(x.dtype)
@@ -29,8 +29,12 @@ def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.
 
 
 def attention(q, k, v, pe, attn, *, num_text_tokens: int, dense: bool) -> jax.Array:
-    """Rope on q and k, then `attn` (a `pisa_jax.Attention`); `[B, H, L, D]` -> `[B, L, H*D]`."""
+    """Rope on q and k, then `attn` (a `pisa_jax.Attention`); `[B, L, H, D]` -> `[B, L, H*D]`.
+
+    Heads stay on the third axis ("bthd") from the projection to the output, so neither
+    the kernels nor cuDNN need a transposed copy of q, k, v or of the output.
+    """
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    out = attn(q, k, v, num_text_tokens=num_text_tokens, dense=dense, layout="bhtd")
-    b, h, l, d = out.shape
-    return out.transpose(0, 2, 1, 3).reshape(b, l, h * d)
+    out = attn(q, k, v, num_text_tokens=num_text_tokens, dense=dense, layout="bthd")
+    b, l, h, d = out.shape
+    return out.reshape(b, l, h * d)

@@ -32,24 +32,22 @@ _MIN_BLOCKS_PER_PROGRAM = 4
 
 def _kernel(q_ref, k_ref, v_ref, qm_ref, km_ref, vs_ref, norm_ref, part_ref, *,
             block_size: int, blocks_per_program: int, num_tokens: int, nt: int,
-            with_norms: bool, precision: dict):
+            with_norms: bool, precision: dict, prefetch: bool):
     first = pl.program_id(2) * blocks_per_program
     count = jnp.minimum(blocks_per_program, nt - first)
     d = q_ref.shape[-1]
     rows = lax.broadcasted_iota(jnp.int32, (block_size, 1), 0)
 
-    def body(i, moment):
-        j = first + i
-        start = pl.multiple_of(j * block_size, block_size)
-        sl = pl.ds(start, block_size)
-        length = jnp.minimum(block_size, num_tokens - start)
-        q = q_ref[sl, :].astype(jnp.float32)
-        k = k_ref[sl, :]
-        v = v_ref[sl, :]
+    def load(j):
+        sl = pl.ds(pl.multiple_of(j * block_size, block_size), block_size)
+        return q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+
+    def reduce(j, q, k, v, moment):
+        length = jnp.minimum(block_size, num_tokens - j * block_size)
         # Padding rows are zeros: sums are right, means divide by the true length.
         inv_len = 1.0 / length.astype(jnp.float32)
         k_mean = jnp.sum(k.astype(jnp.float32), axis=0) * inv_len
-        qm_ref[pl.ds(j, 1), :] = (jnp.sum(q, axis=0) * inv_len)[None, :]
+        qm_ref[pl.ds(j, 1), :] = (jnp.sum(q.astype(jnp.float32), axis=0) * inv_len)[None, :]
         km_ref[pl.ds(j, 1), :] = k_mean[None, :]
         vs_ref[pl.ds(j, 1), :] = jnp.sum(v.astype(jnp.float32), axis=0)[None, :]
         centred = jnp.where(rows < length, k.astype(jnp.float32) - k_mean[None, :], 0.0)
@@ -58,7 +56,20 @@ def _kernel(q_ref, k_ref, v_ref, qm_ref, km_ref, vs_ref, norm_ref, part_ref, *,
             norm_ref[pl.ds(j, 1)] = jnp.sqrt(jnp.sum(h_j * h_j))[None]
         return moment + h_j
 
-    moment = lax.fori_loop(0, count, body, jnp.zeros((d, d), jnp.float32))
+    zero = jnp.zeros((d, d), jnp.float32)
+    if not prefetch:
+        moment = lax.fori_loop(0, count, lambda i, m: reduce(first + i, *load(first + i), m),
+                               zero)
+    else:
+        # The next block's tiles are carried into the next step, so their loads are in
+        # flight while this block is reduced (the last step reloads its own block).
+        def body(i, carry):
+            moment, tiles = carry
+            j = first + i
+            nxt = load(jnp.minimum(j + 1, first + count - 1))
+            return reduce(j, *tiles, moment), nxt
+
+        moment, _ = lax.fori_loop(0, count, body, (zero, load(first)))
     part_ref[...] = moment
 
 
@@ -69,8 +80,10 @@ def _statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str, inte
     q, k, v = (prepare(x, block_size, layout) for x in (q, k, v))
     t_pad, d_pad = q.shape[ta], q.shape[-1]
     nt = num_blocks(t, block_size)
-    per_program = max(_MIN_BLOCKS_PER_PROGRAM,
-                      min(_MAX_BLOCKS_PER_PROGRAM, ceil_div(nt * b * h, multiprocessor_count())))
+    per_program = config.blocks_per_program or max(
+        _MIN_BLOCKS_PER_PROGRAM,
+        min(_MAX_BLOCKS_PER_PROGRAM, ceil_div(nt * b * h, multiprocessor_count())))
+    per_program = min(per_program, nt)
     chunks = ceil_div(nt, per_program)
 
     whole = token_block_spec(layout, t_pad, d_pad, lambda bi, hi, c: (bi, hi, 0))
@@ -90,7 +103,7 @@ def _statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str, inte
     ]
     kernel = functools.partial(_kernel, block_size=block_size, blocks_per_program=per_program,
                                num_tokens=t, nt=nt, with_norms=with_norms,
-                               precision=dot_precision(q.dtype))
+                               precision=dot_precision(q.dtype), prefetch=config.prefetch)
     qm, km, vs, norms, parts = pl.pallas_call(
         kernel,
         grid=(b, h, chunks),
