@@ -103,7 +103,9 @@ def diffusers_forward(model, io):
 def kernel_group(name: str) -> str:
     """Which part of the forward a GPU kernel belongs to, from its name."""
     for key, group in (("pisa_block_statistics", "PISA statistics"), ("pisa_top_k", "PISA top-k"),
-                       ("pisa_piecewise_attention", "PISA attention"), ("fmha", "cuDNN attention"),
+                       ("pisa_piecewise_attention", "PISA attention"),
+                       ("mosaic_gpu_kernel", "PISA attention"),   # Mosaic's name in traces
+                       ("fmha", "cuDNN attention"),
                        ("sdpa", "cuDNN attention"), ("flash", "cuDNN attention"),
                        ("cudnn", "cuDNN attention")):
         if key in name.lower():

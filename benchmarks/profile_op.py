@@ -69,8 +69,11 @@ def gpu_kernel_times(planes, calls: int) -> tuple[dict[str, float], float]:
 
 
 def stage_of(kernel: str) -> str:
+    # Mosaic GPU kernels show up in traces as "entry_mosaic_gpu_kernel", whatever their
+    # call's name; in the whole op the only one is the attention kernel.
     for prefix, stage in (("pisa_block_statistics", "statistics"), ("pisa_top_k", "top-k"),
-                          ("pisa_piecewise_attention", "attention kernel")):
+                          ("pisa_piecewise_attention", "attention kernel"),
+                          ("mosaic_gpu_kernel", "attention kernel")):
         if prefix in kernel:
             return stage
     return "XLA (scores, bias, padding, bit mask, sums)"

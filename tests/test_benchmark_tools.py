@@ -41,6 +41,19 @@ def test_gpu_kernel_times_adds_stream_events_only():
     assert stage_of("loop_pad_fusion").startswith("XLA")
 
 
+def test_mosaic_kernel_counts_as_the_attention_kernel():
+    # Mosaic GPU kernels appear in traces under a generic name, not the call's name.
+    from benchmarks.flux import kernel_group
+    assert stage_of("entry_mosaic_gpu_kernel") == "attention kernel"
+    assert stage_of("loop_pad_fusion_2").startswith("XLA")
+    assert [kernel_group(n) for n in (
+        "entry_mosaic_gpu_kernel", "pisa_piecewise_attention", "pisa_block_statistics",
+        "pisa_top_k", "cudnn_generated_fort_native_sdpa_sm90", "sm90_fmha_fwd",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_NNT", "loop_transpose_fusion_37")] == [
+        "PISA attention", "PISA attention", "PISA statistics", "PISA top-k", "cuDNN attention",
+        "cuDNN attention", "other", "other"]
+
+
 def test_dense_comparison_reports_both_speedups(monkeypatch):
     # GPU-free: the trace and the wall clock are replaced by fixed figures, and the
     # expected row is worked out by hand (not by the formula under test).
@@ -135,6 +148,9 @@ def test_mosaic_rows_report_a_failure_instead_of_raising(monkeypatch):
     ("mosaic_blocks", ["--scaling", "0.2,0.2"],
      "--scaling: expected at least two different densities (a line is fitted through them), "
      "got 0.2,0.2"),
+    ("stats_kernel", ["--prefetch", "maybe"], "--prefetch: expected off and/or on, got 'maybe'"),
+    ("stats_kernel", ["--runs", "1,0"], "--runs: expected positive numbers, got '1,0'"),
+    ("stats_kernel", ["--shapes", "flux-4096"], "expected names from flux-1024, flux-2048"),
 ])
 def test_benchmark_flags_are_refused_before_any_work(module, argv, message, capsys):
     # Parsed before a device is touched: a clear usage error (exit 2), not a traceback or
