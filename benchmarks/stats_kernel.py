@@ -2,12 +2,11 @@
 
     python benchmarks/stats_kernel.py [--shapes flux-1024,flux-2048,seq-32k]
         [--block-sizes 64,128] [--warps 4,8] [--stages 1,2,3] [--runs 1,0.5,0.25]
-        [--per-program 8,15] [--prefetch off,on]
+        [--per-program 8,15]
 
 Per shape and block size it times the statistics kernel (bf16, D = 128, with the moment
-norms, `bthd`) for every combination of warps, pipeline stages, prefetch of the next
-block (off / on) and run length (blocks per program: multiples of the default rule and
-any given with --per-program),
+norms, `bthd`) for every combination of warps, pipeline stages and run length (blocks per
+program: multiples of the default rule and any given with --per-program),
 checks each variant's output against the default's, and reports milliseconds and the
 bandwidth of reading q, k and v once, next to XLA's own reduction over the same bytes.
 Writes stats_kernel.json to $OUT (or .) and the five fastest variants per case to stdout.
@@ -45,8 +44,7 @@ def default_run(t: int, h: int, block_size: int) -> int:
     return max(kernel._MIN_BLOCKS_PER_PROGRAM, min(kernel._MAX_BLOCKS_PER_PROGRAM, rule))
 
 
-def sweep(name: str, block_size: int, warps, stages, runs, prefetch=(False, True),
-          per_program=()) -> dict:
+def sweep(name: str, block_size: int, warps, stages, runs, per_program=()) -> dict:
     t, h = SHAPES[name]
     q, k, v = [jax.random.normal(key, (1, t, h, D), jnp.bfloat16)
                for key in jax.random.split(jax.random.PRNGKey(t), 3)]
@@ -66,9 +64,8 @@ def sweep(name: str, block_size: int, warps, stages, runs, prefetch=(False, True
     nt = num_blocks(t, block_size)
     lengths = sorted({min(nt, max(1, round(rule * f))) for f in runs}
                      | {min(nt, n) for n in per_program})
-    for w, s, fetch, n in itertools.product(warps, stages, prefetch, lengths):
-        config = dataclasses.replace(base, num_warps=w, num_stages=s, prefetch=fetch,
-                                     blocks_per_program=n)
+    for w, s, n in itertools.product(warps, stages, lengths):
+        config = dataclasses.replace(base, num_warps=w, num_stages=s, blocks_per_program=n)
         try:
             fn = run(config)
             got = fn(q, k, v)
@@ -76,10 +73,10 @@ def sweep(name: str, block_size: int, warps, stages, runs, prefetch=(False, True
                       for f in ("q_mean", "k_mean", "v_sum", "moment", "moment_norms"))
             ms = time_per_call(fn, q, k, v) * 1e3
         except Exception as e:  # a variant that does not build is reported, not fatal
-            rows.append(dict(warps=w, stages=s, prefetch=fetch, blocks_per_program=n,
+            rows.append(dict(warps=w, stages=s, blocks_per_program=n,
                              error=f"{type(e).__name__}: {str(e)[:200]}"))
             continue
-        rows.append(dict(warps=w, stages=s, prefetch=fetch, blocks_per_program=n,
+        rows.append(dict(warps=w, stages=s, blocks_per_program=n,
                          programs=h * ceil_div(nt, n), ms=ms, gb_s=gbytes / ms * 1e3, rel_err_to_default=err))
     ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
     default_ms = time_per_call(run(base), q, k, v) * 1e3
@@ -88,7 +85,7 @@ def sweep(name: str, block_size: int, warps, stages, runs, prefetch=(False, True
           f"{gbytes / default_ms * 1e3:.0f} GB/s; XLA reduction over q, k, v {xla_ms:.3f} ms "
           f"({gbytes / xla_ms * 1e3:.0f} GB/s)", flush=True)
     for r in ok[:5]:
-        print(f"   {r['warps']} warps {r['stages']} stages prefetch {r['prefetch']!s:5} "
+        print(f"   {r['warps']} warps {r['stages']} stages "
               f"{r['blocks_per_program']:3d} blocks/program ({r['programs']} programs): "
               f"{r['ms']:.3f} ms "
               f"{r['gb_s']:.0f} GB/s (to default {r['rel_err_to_default']:.1e})", flush=True)
@@ -115,14 +112,12 @@ def main(argv=None):
     p.add_argument("--per-program", default=(),
                    type=comma_list(int, "positive integers", lambda x: x > 0),
                    help="blocks per program to time as well (capped at the block count)")
-    p.add_argument("--prefetch", default=(False, True),
-                   type=comma_list(lambda x: ("off", "on").index(x) == 1, "off and/or on"))
     args = p.parse_args(argv)
     out = {"device": jax.devices()[0].device_kind, "results": {}}
     for name in args.shapes:
         for bs in args.block_sizes:
             out["results"][f"{name} b{bs}"] = sweep(name, bs, args.warps, args.stages, args.runs,
-                                                       args.prefetch, args.per_program)
+                                                       args.per_program)
     path = os.path.join(os.environ.get("OUT", "."), "stats_kernel.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)

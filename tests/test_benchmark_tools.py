@@ -148,7 +148,7 @@ def test_mosaic_rows_report_a_failure_instead_of_raising(monkeypatch):
     ("mosaic_blocks", ["--scaling", "0.2,0.2"],
      "--scaling: expected at least two different densities (a line is fitted through them), "
      "got 0.2,0.2"),
-    ("stats_kernel", ["--prefetch", "maybe"], "--prefetch: expected off and/or on, got 'maybe'"),
+    ("stats_kernel", ["--per-program", "8,0"], "--per-program: expected positive integers"),
     ("stats_kernel", ["--runs", "1,0"], "--runs: expected positive numbers, got '1,0'"),
     ("stats_kernel", ["--shapes", "flux-4096"], "expected names from flux-1024, flux-2048"),
 ])

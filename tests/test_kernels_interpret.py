@@ -50,16 +50,15 @@ def test_block_statistics_kernel_matches_reference(t, bs, d, layout):
     assert no_norms.moment_norms is None
 
 
-@pytest.mark.parametrize("prefetch,per_program,t,layout", [
-    (True, 3, 300, "bthd"),     # 10 blocks: runs of 3, 3, 3 and 1, last block partial
-    (True, 1, 120, "bhtd"),     # one block per program: the prefetch reloads its own block
-    (False, 4, 300, "bhtd"),    # a fixed run length without prefetch
+@pytest.mark.parametrize("per_program,t,layout", [
+    (3, 300, "bthd"),     # 10 blocks: runs of 3, 3, 3 and 1, the last block partial
+    (1, 120, "bhtd"),     # one block per program
 ])
-def test_block_statistics_kernel_variants_match_reference(prefetch, per_program, t, layout):
+def test_block_statistics_kernel_run_lengths_match_reference(per_program, t, layout):
     from pisa_jax.kernels.pallas_triton import block_statistics as kernel
     from pisa_jax.kernels.pallas_triton.config import LaunchConfig
     q, k, v = _qkv(t + per_program, 2, t, 3, 32, layout)
-    config = LaunchConfig(num_warps=4, prefetch=prefetch, blocks_per_program=per_program)
+    config = LaunchConfig(num_warps=4, blocks_per_program=per_program)
     got = kernel.block_statistics(q, k, v, block_size=32, with_norms=True, layout=layout,
                                   interpret=True, config=config)
     want = pj.block_statistics(q, k, v, block_size=32, with_norms=True, layout=layout, **REF)
@@ -71,8 +70,8 @@ def test_statistics_launch_options_are_checked():
     from pisa_jax.kernels.pallas_triton.config import LaunchConfig
     with pytest.raises(ValueError, match="blocks_per_program: expected an int >= 0"):
         LaunchConfig(blocks_per_program=-1)
-    with pytest.raises(ValueError, match="prefetch: expected a bool, got 1"):
-        LaunchConfig(prefetch=1)
+    with pytest.raises(ValueError, match="blocks_per_program: expected an int >= 0"):
+        LaunchConfig(blocks_per_program=2.5)
 
 
 @pytest.mark.parametrize("t,bs,d,layout,order", [

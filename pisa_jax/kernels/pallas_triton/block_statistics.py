@@ -32,7 +32,7 @@ _MIN_BLOCKS_PER_PROGRAM = 4
 
 def _kernel(q_ref, k_ref, v_ref, qm_ref, km_ref, vs_ref, norm_ref, part_ref, *,
             block_size: int, blocks_per_program: int, num_tokens: int, nt: int,
-            with_norms: bool, precision: dict, prefetch: bool):
+            with_norms: bool, precision: dict):
     first = pl.program_id(2) * blocks_per_program
     count = jnp.minimum(blocks_per_program, nt - first)
     d = q_ref.shape[-1]
@@ -56,20 +56,8 @@ def _kernel(q_ref, k_ref, v_ref, qm_ref, km_ref, vs_ref, norm_ref, part_ref, *,
             norm_ref[pl.ds(j, 1)] = jnp.sqrt(jnp.sum(h_j * h_j))[None]
         return moment + h_j
 
-    zero = jnp.zeros((d, d), jnp.float32)
-    if not prefetch:
-        moment = lax.fori_loop(0, count, lambda i, m: reduce(first + i, *load(first + i), m),
-                               zero)
-    else:
-        # The next block's tiles are carried into the next step, so their loads are in
-        # flight while this block is reduced (the last step reloads its own block).
-        def body(i, carry):
-            moment, tiles = carry
-            j = first + i
-            nxt = load(jnp.minimum(j + 1, first + count - 1))
-            return reduce(j, *tiles, moment), nxt
-
-        moment, _ = lax.fori_loop(0, count, body, (zero, load(first)))
+    moment = lax.fori_loop(0, count, lambda i, m: reduce(first + i, *load(first + i), m),
+                           jnp.zeros((d, d), jnp.float32))
     part_ref[...] = moment
 
 
@@ -103,7 +91,7 @@ def _statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str, inte
     ]
     kernel = functools.partial(_kernel, block_size=block_size, blocks_per_program=per_program,
                                num_tokens=t, nt=nt, with_norms=with_norms,
-                               precision=dot_precision(q.dtype), prefetch=config.prefetch)
+                               precision=dot_precision(q.dtype))
     qm, km, vs, norms, parts = pl.pallas_call(
         kernel,
         grid=(b, h, chunks),

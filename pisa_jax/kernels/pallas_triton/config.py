@@ -33,16 +33,14 @@ class LaunchConfig:
     `indices_in_registers` the exact path reads its index list once as a vector instead
     of one scalar load per step.
 
-    The statistics kernel reads two more: with `prefetch` each program loads the next
-    block's q, k and v tiles while it reduces the current ones, and `blocks_per_program`
-    (0: the rule in `block_statistics`) fixes how many blocks one program reduces.
+    The statistics kernel reads one more: `blocks_per_program` (0: the rule in
+    `block_statistics`) fixes how many blocks one program reduces.
     """
 
     num_warps: int = 4
     num_stages: int = 2
     zeroth_chunk: int = 64
     indices_in_registers: bool = False
-    prefetch: bool = False
     blocks_per_program: int = 0
 
     def __post_init__(self):
@@ -53,10 +51,9 @@ class LaunchConfig:
         if self.zeroth_chunk & (self.zeroth_chunk - 1):
             raise ValueError(f"LaunchConfig.zeroth_chunk: expected a power of two, got "
                              f"{self.zeroth_chunk}")
-        for name in ("indices_in_registers", "prefetch"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LaunchConfig.{name}: expected a bool, got "
-                                 f"{getattr(self, name)!r}")
+        if not isinstance(self.indices_in_registers, bool):
+            raise ValueError("LaunchConfig.indices_in_registers: expected a bool, got "
+                             f"{self.indices_in_registers!r}")
         if (isinstance(self.blocks_per_program, bool) or not isinstance(self.blocks_per_program, int)
                 or self.blocks_per_program < 0):
             raise ValueError("LaunchConfig.blocks_per_program: expected an int >= 0 (0: the "
