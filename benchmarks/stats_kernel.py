@@ -29,19 +29,11 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.attention import SHAPES  # noqa: E402
 from pisa_jax._blocks import ceil_div, num_blocks  # noqa: E402
 from pisa_jax.cli import comma_list  # noqa: E402
-from pisa_jax.kernels._common import multiprocessor_count  # noqa: E402
 from pisa_jax.kernels.pallas_triton import block_statistics as kernel  # noqa: E402
 from pisa_jax.kernels.pallas_triton.config import statistics_config  # noqa: E402
 from pisa_jax.metrics import relative_error, time_per_call  # noqa: E402
 
 D = 128
-
-
-def default_run(t: int, h: int, block_size: int) -> int:
-    """Blocks per program by the kernel's rule (batch 1)."""
-    nt = num_blocks(t, block_size)
-    rule = ceil_div(nt * h, multiprocessor_count())
-    return max(kernel._MIN_BLOCKS_PER_PROGRAM, min(kernel._MAX_BLOCKS_PER_PROGRAM, rule))
 
 
 def sweep(name: str, block_size: int, warps, stages, runs, per_program=()) -> dict:
@@ -52,7 +44,7 @@ def sweep(name: str, block_size: int, warps, stages, runs, per_program=()) -> di
     xla = jax.jit(lambda *xs: sum(jnp.sum(x.astype(jnp.float32), axis=1) for x in xs))
     xla_ms = time_per_call(xla, q, k, v) * 1e3
     base = statistics_config(D, block_size, q.dtype)
-    rule = default_run(t, h, block_size)
+    rule = kernel.default_blocks_per_program(num_blocks(t, block_size), h)   # batch 1
 
     def run(config):
         return jax.jit(functools.partial(kernel.block_statistics, block_size=block_size,

@@ -30,6 +30,12 @@ _MAX_BLOCKS_PER_PROGRAM = 96
 _MIN_BLOCKS_PER_PROGRAM = 4
 
 
+def default_blocks_per_program(num_blocks: int, batch_heads: int) -> int:
+    """How many consecutive blocks one program reduces, by the rule above."""
+    share = ceil_div(num_blocks * batch_heads, multiprocessor_count())
+    return max(_MIN_BLOCKS_PER_PROGRAM, min(_MAX_BLOCKS_PER_PROGRAM, share))
+
+
 def _kernel(q_ref, k_ref, v_ref, qm_ref, km_ref, vs_ref, norm_ref, part_ref, *,
             block_size: int, blocks_per_program: int, num_tokens: int, nt: int,
             with_norms: bool, precision: dict):
@@ -68,10 +74,7 @@ def _statistics(q, k, v, *, block_size: int, with_norms: bool, layout: str, inte
     q, k, v = (prepare(x, block_size, layout) for x in (q, k, v))
     t_pad, d_pad = q.shape[ta], q.shape[-1]
     nt = num_blocks(t, block_size)
-    per_program = config.blocks_per_program or max(
-        _MIN_BLOCKS_PER_PROGRAM,
-        min(_MAX_BLOCKS_PER_PROGRAM, ceil_div(nt * b * h, multiprocessor_count())))
-    per_program = min(per_program, nt)
+    per_program = min(config.blocks_per_program or default_blocks_per_program(nt, b * h), nt)
     chunks = ceil_div(nt, per_program)
 
     whole = token_block_spec(layout, t_pad, d_pad, lambda bi, hi, c: (bi, hi, 0))
