@@ -29,6 +29,20 @@ def initial_carry(rows: int, d: int) -> tuple:
             plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row))
 
 
+def by_stream(step, num_selected: int, order: int, exact: Callable[[], None],
+              zeroth: Callable[[], None]) -> None:
+    """Runs `exact()` for a step among the first `num_selected` (the selected key blocks)
+    and `zeroth()` beyond them (the zeroth-order chunks): a Python choice where `step` is
+    known when tracing, none with order -1 (exact steps only), otherwise both guarded."""
+    if isinstance(step, int):
+        (exact if step < num_selected else zeroth)()
+    elif order < 0:
+        exact()
+    else:
+        pl.when(step < num_selected)(exact)
+        pl.when(step >= num_selected)(zeroth)
+
+
 def key_product(qs, k_tile, shape: tuple, after_issue: Callable[[], None] | None = None):
     """`qs k_tile^T` on wgmma into a float32 accumulator of `shape`; `after_issue` (the
     ping-pong turn) runs between issuing the product and reading it."""

@@ -29,8 +29,8 @@ from pisa_jax._blocks import (block_lengths, ceil_div, head_axis, num_blocks, pa
 from pisa_jax._types import BlockStatistics, Selection
 from pisa_jax.kernels._common import LOG2E, inference_only, shared_memory_per_block
 from pisa_jax.kernels.pallas_mosaic_gpu import wide_blocks
-from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, key_product,
-                                                        softmax_step, tile_logits,
+from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (by_stream, finish, initial_carry,
+                                                        key_product, softmax_step, tile_logits,
                                                         value_product, wait_for_values)
 from pisa_jax.kernels.pallas_mosaic_gpu.config import MosaicConfig, default_config, unsupported
 
@@ -95,13 +95,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
                 plgpu.copy_gmem_to_smem(kc_ref.at[bi, hi, rows], ks.at[slot], slot_bar(k_bar, slot))
                 plgpu.copy_gmem_to_smem(vm_ref.at[bi, hi, rows], vs.at[slot], slot_bar(v_bar, slot))
 
-            if isinstance(step, int):   # prologue: which stream is known statically
-                (exact if step < num_selected else zeroth)()
-            elif order < 0:
-                exact()
-            else:
-                pl.when(step < num_selected)(exact)
-                pl.when(step >= num_selected)(zeroth)
+            by_stream(step, num_selected, order, exact, zeroth)
 
         for s in range(min(stages, total)):
             issue(s, s)

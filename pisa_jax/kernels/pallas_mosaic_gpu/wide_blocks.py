@@ -32,8 +32,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pisa_jax._blocks import ceil_div
 from pisa_jax.kernels._common import LOG2E, multiprocessor_count
 from pisa_jax.kernels.pallas_mosaic_gpu.config import MosaicConfig
-from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (finish, initial_carry, key_product,
-                                                        softmax_step, tile_logits,
+from pisa_jax.kernels.pallas_mosaic_gpu._softmax import (by_stream, finish, initial_carry,
+                                                        key_product, softmax_step, tile_logits,
                                                         value_product, wait_for_values)
 
 BLOCK = 128             # tokens per query / key block
@@ -152,13 +152,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, kc_ref, vm_ref, mask_ref, mom_ref, o_r
                     plgpu.copy_gmem_to_smem(zeroth_src.at[bi, hi, rows], dst.at[slot],
                                             bar.at[slot])
 
-                if isinstance(step, int):
-                    (exact if step < num_selected else zeroth)()
-                elif order < 0:
-                    exact()
-                else:
-                    pl.when(step < num_selected)(exact)
-                    pl.when(step >= num_selected)(zeroth)
+                by_stream(step, num_selected, order, exact, zeroth)
 
             def refill(t, first):   # tile t into its slot once the slot is released
                 g = streamed(r, t)
