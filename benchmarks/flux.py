@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.profile_op import kernel_times  # noqa: E402
 from models.flux import FLUX_DEV, default_policies  # noqa: E402
 from models.flux.convert import iter_diffusers_state, model_from_tensors  # noqa: E402
 from pisa_jax.cli import comma_list  # noqa: E402
@@ -115,7 +116,6 @@ def kernel_group(name: str) -> str:
 
 def gpu_profile(fn, args, calls: int = 2) -> dict:
     """GPU milliseconds per forward by kernel group, and the ten longest other kernels."""
-    from benchmarks.profile_op import kernel_times
     times, span = kernel_times(fn, args, calls)
     groups: dict = {}
     for name, us in times.items():
